@@ -1,0 +1,272 @@
+"""The one configuration schema of the pipeline.
+
+Every knob a user can turn lives here, and nowhere else: stages receive a validated `PipelineConfig`
+and never read YAML or environment variables themselves. Unknown keys are rejected so that a typo in a
+nightly config fails loudly instead of silently training with a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem a person must fix; the message names the key and the allowed values."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DataFormat = Literal["auto", "alpaca", "chat", "prompt_completion"]
+
+
+class ValidationThresholds(_Section):
+    """Thresholds of the data contract (the Great Expectations suite run before any GPU time)."""
+
+    min_train_rows: int = Field(10, ge=1)
+    min_eval_rows: int = Field(1, ge=1)
+    max_overlong_share: float = Field(
+        0.01, ge=0.0, le=1.0, description="share of rows longer than data.max_seq_length tokens that is tolerated"
+    )
+    min_loss_token_share: float = Field(
+        0.05, ge=0.0, le=1.0, description="floor for the share of tokens that carry loss (response tokens)"
+    )
+    max_duplicate_share: float = Field(0.0, ge=0.0, le=1.0, description="share of duplicated train rows tolerated")
+    max_leaked_share: float = Field(0.0, ge=0.0, le=1.0, description="share of eval prompts also in train tolerated")
+    max_examples: int = Field(5, ge=0, description="offending rows shown per failed expectation")
+    data_docs_dir: Path | None = Field(None, description="write Great Expectations Data Docs HTML here")
+
+
+class DataConfig(_Section):
+    path: str = Field(description="local .jsonl/.json/.csv/.parquet file, or a hub dataset id")
+    eval_path: str | None = Field(None, description="separate eval file; when absent, eval is split off by hash")
+    format: DataFormat = "auto"
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of rows hashed into eval when no eval_path")
+    max_seq_length: int = Field(512, ge=8)
+    hub_split: str = Field("train", description="split to read when `path` is a hub dataset id")
+    validation: ValidationThresholds = ValidationThresholds()
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(description="hub model id or local folder saved with save_pretrained")
+    revision: str | None = Field(None, description="hub revision (commit, tag or branch) to pin")
+    trust_remote_code: bool = False
+
+
+class QuantizationConfig(_Section):
+    load_in_4bit: bool = Field(True, description="QLoRA: base weights in 4 bits; false trains plain LoRA")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bf16 on compute capability >= 8.0, fp16 below, fp32 on CPU"
+    )
+
+
+LoraPresetName = Literal["classification", "summarization", "code", "instruction"]
+AlphaPolicy = Literal["standard", "conservative", "aggressive"]
+ALPHA_FACTORS: dict[str, int] = {"conservative": 1, "standard": 2, "aggressive": 4}
+LORA_PRESETS: dict[str, dict[str, Any]] = {
+    # From the setup guide: rank grows with how far the task is from pretraining.
+    "classification": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+    "summarization": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
+    "code": {"r": 32, "alpha": 64, "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj"]},
+    "instruction": {
+        "r": 64,
+        "alpha": 128,
+        "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
+}
+
+
+class LoraSettings(_Section):
+    """LoRA adapter shape. A preset fills what is not set explicitly; explicit values always win."""
+
+    preset: LoraPresetName | None = None
+    r: int | None = Field(None, description="rank; > 0")
+    alpha: int | None = Field(None, description="scaling numerator; default from alpha_policy")
+    alpha_policy: AlphaPolicy = "standard"
+    dropout: float = 0.05
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    @field_validator("r")
+    @classmethod
+    def _positive_rank(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"lora.r must be a positive integer (e.g. 8, 16, 64), got {value}")
+        return value
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_range(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> LoraSettings:
+        preset = LORA_PRESETS.get(self.preset or "", {})
+        explicit = self.model_fields_set
+        updates: dict[str, Any] = {}
+        if "r" not in explicit or self.r is None:
+            updates["r"] = preset.get("r", 16)
+        if "target_modules" not in explicit or self.target_modules is None:
+            updates["target_modules"] = preset.get("target_modules", "all-linear")
+        rank = updates.get("r", self.r)
+        if "alpha" not in explicit or self.alpha is None:
+            # A preset's alpha is its standard 2r; a non-standard policy overrides it.
+            if "alpha" in preset and self.alpha_policy == "standard" and rank == preset["r"]:
+                updates["alpha"] = preset["alpha"]
+            else:
+                updates["alpha"] = ALPHA_FACTORS[self.alpha_policy] * rank
+        for key, value in updates.items():
+            object.__setattr__(self, key, value)
+        return self
+
+
+class TrainingConfig(_Section):
+    output_dir: Path = Field(Path("outputs/demo"), description="checkpoints, adapter and summary go here")
+    max_steps: int = Field(-1, description="> 0 overrides num_epochs")
+    num_epochs: float = Field(1.0, gt=0)
+    per_device_batch_size: int | Literal["auto"] = Field("auto", description="auto: chosen by the GPU plan")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = Field("paged_adamw_8bit", description="any transformers optimizer name")
+    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="auto: on when the plan needs it")
+    packing: bool = Field(True, description="padding-free batches (DataCollatorWithFlattening)")
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="eval loss every N steps; None: at the end only")
+    seed: int = 42
+    resume: bool = Field(True, description="resume from the last checkpoint in output_dir when there is one")
+
+    @field_validator("per_device_batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"training.per_device_batch_size must be 'auto' or > 0, got {value}")
+        return value
+
+
+class EvaluationConfig(_Section):
+    max_rows: int | None = Field(None, ge=1, description="cap on eval rows; None: the whole eval split")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    num_sample_rows: int = Field(10, ge=0, description="rows of the prompt/reference/outputs table")
+    bootstrap_resamples: int = Field(1000, ge=100)
+    significance_level: float = Field(0.05, gt=0, lt=1)
+    champion_adapter: str | None = Field(None, description="adapter dir or models:/ URI to compare against")
+    seed: int = 12345
+
+
+class RegistryConfig(_Section):
+    tracking_uri: str | None = Field(
+        None, description="None: sqlite store in the repo's mlflow/ folder; else any MLflow tracking URI"
+    )
+    experiment_name: str = "qlora-pipeline"
+    model_name: str = "demo-qlora-adapter"
+    primary_metric: Literal["bleu", "rouge1", "rouge2", "rougeL", "rougeLsum"] = "bleu"
+    guard_metrics: dict[str, float] = Field(
+        default_factory=lambda: {"rougeL": 1.0},
+        description="metric -> largest tolerated drop (points) against base and champion",
+    )
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+
+
+class PipelineConfig(_Section):
+    data: DataConfig
+    model: ModelConfig
+    quantization: QuantizationConfig = QuantizationConfig()
+    lora: LoraSettings = LoraSettings()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    def config_hash(self) -> str:
+        """Content hash of the resolved config; recorded with every registered version."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, str]:
+        """`section.key -> value`, the shape MLflow params want."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                out[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}': remove it or check its spelling (see configs/schema.py)")
+        elif error["type"] == "missing":
+            lines.append(f"  missing key '{key}': it is required")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {message} (got {error.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. training.max_steps=100)")
+    dotted, raw = item.split("=", 1)
+    # YAML parsing gives ints, floats, bools, lists and null the same way the file would.
+    return dotted.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config, apply `section.key=value` overrides, validate. Raises ConfigError.
+
+    Relative paths inside the config are relative to the working directory, like any CLI argument;
+    `make` targets and the Prefect deployment run from the repo root.
+    """
+    config_path = Path(path) if path else DEFAULT_CONFIG
+    if not config_path.exists():
+        raise ConfigError(f"config file {config_path} not found; pass --config with an existing YAML file")
+    try:
+        raw = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {config_path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {config_path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{key}' is not a section")
+        node[keys[-1]] = value
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(config_path))) from exc

@@ -1,0 +1,201 @@
+"""Offline demo assets: a small instruction dataset and a tiny Llama base model with its own tokenizer.
+
+The demo must run with no network and no GPU, so nothing is downloaded: the dataset is generated from
+a seed, the BPE tokenizer is trained on it with `tokenizers`, and the base model is a randomly
+initialised Llama saved with `save_pretrained`. The task is word-by-word translation into an invented
+language ("Zorbish"): a mapping LoRA alone learns in a couple of CPU minutes, so BLEU/ROUGE rise
+visibly after training while the base model scores near zero.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ASSETS_DIR = Path(".cache/demo")
+ASSETS_VERSION = 1
+SOURCE_WORDS = (
+    "red blue green black white small big old young happy sad fast slow cold warm "
+    "cat dog bird fish horse tree river stone house road book child king queen farmer "
+    "runs jumps sleeps eats sees finds likes holds carries builds "
+    "the a one two three near under over with without and but very quite often never today"
+).split()
+COPY_INSTRUCTION = "Repeat the sentence."
+INSTRUCTIONS = (
+    "Translate the sentence into Zorbish.",
+    "Rewrite this in Zorbish.",
+    "Give the Zorbish version of the text.",
+)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    data_path: Path
+    model_dir: Path
+
+
+def zorbish_lexicon(seed: int) -> dict[str, str]:
+    """A fixed invented word for each source word: the mapping the adapter has to learn."""
+    rng = random.Random(seed)
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    lexicon: dict[str, str] = {}
+    used: set[str] = set()
+    for word in SOURCE_WORDS:
+        while True:
+            syllables = rng.randint(1, 2)
+            candidate = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(syllables))
+            candidate += rng.choice(consonants)
+            if candidate not in used and candidate not in SOURCE_WORDS:
+                used.add(candidate)
+                lexicon[word] = candidate
+                break
+    return lexicon
+
+
+def generate_rows(seed: int, count: int) -> list[dict[str, str]]:
+    """`count` unique alpaca rows; uniqueness of the input keeps the hash split free of leakage."""
+    rng = random.Random(seed)
+    lexicon = zorbish_lexicon(seed)
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    while len(rows) < count:
+        sentence = " ".join(rng.choice(SOURCE_WORDS) for _ in range(rng.randint(3, 8)))
+        if sentence in seen:
+            continue
+        seen.add(sentence)
+        rows.append(
+            {
+                "instruction": rng.choice(INSTRUCTIONS),
+                "input": sentence,
+                "output": " ".join(lexicon[word] for word in sentence.split()),
+            }
+        )
+    return rows
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):  # -> PreTrainedTokenizerFast
+    """Byte-level BPE trained on the demo corpus, wrapped for transformers with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="<|end|>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        model_max_length=256,
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_base_model(vocab_size: int, tokenizer, seed: int):  # -> LlamaForCausalLM
+    """A ~1M parameter Llama: big enough to learn the mapping through LoRA, small enough for 2 cores."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        # A wider init than the default 0.02: with a random frozen lm_head the logits of a
+        # 128-wide model could otherwise never leave uniform (max logit ~ 0.02*128 = 2.6).
+        initializer_range=0.1,
+    )
+    return LlamaForCausalLM(config)
+
+
+def pretrain_copying(model, tokenizer, seed: int, steps: int) -> None:
+    """Teach the random base to repeat a sentence (full-parameter, a few CPU seconds per 100 steps).
+
+    A random base can attend nowhere useful, and LoRA alone learns a per-token rewrite on it only
+    slowly. A base that can already copy is what a real pretrained model is to a real task: the
+    adapter then only has to learn the Zorbish word for each copied word, and the base, asked for
+    Zorbish, answers in English, which scores near zero BLEU.
+    """
+    import torch
+
+    rng = random.Random(seed + 1)
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    for _ in range(steps):
+        batch_ids, batch_labels = [], []
+        for _ in range(32):
+            sentence = " ".join(rng.choice(SOURCE_WORDS) for _ in range(rng.randint(3, 8)))
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{COPY_INSTRUCTION}\n\n{sentence}"}],
+                tokenize=False, add_generation_prompt=True,
+            )
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = tokenizer(sentence, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            batch_ids.append(prompt_ids + answer_ids)
+            batch_labels.append([-100] * len(prompt_ids) + answer_ids)
+        width = max(len(ids) for ids in batch_ids)
+        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in batch_ids])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for lab in batch_labels])
+        attention_mask = (torch.arange(width)[None, :] < torch.tensor([len(i) for i in batch_ids])[:, None]).long()
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    model.eval()
+    print(f"pretrained the demo base to copy sentences: final loss {loss.item():.3f}")
+
+
+def assets_ready(out_dir: Path) -> bool:
+    marker = out_dir / "assets.json"
+    return marker.exists() and json.loads(marker.read_text()).get("version") == ASSETS_VERSION
+
+
+def build_demo_assets(out_dir: Path = DEFAULT_ASSETS_DIR, seed: int = 0, rows: int = 3000,
+                      pretrain_steps: int = 400, force: bool = False) -> DemoAssets:
+    """Build (or reuse) the dataset and base model; the same seed gives the same files."""
+    out_dir = Path(out_dir)
+    assets = DemoAssets(out_dir / "data" / "demo.jsonl", out_dir / "model")
+    if assets_ready(out_dir) and not force:
+        return assets
+    data = generate_rows(seed, rows)
+    assets.data_path.parent.mkdir(parents=True, exist_ok=True)
+    assets.data_path.write_text("".join(json.dumps(row) + "\n" for row in data))
+
+    corpus = [f"{r['instruction']}\n\n{r['input']}" for r in data] + [r["output"] for r in data] + [COPY_INSTRUCTION]
+    tokenizer = train_tokenizer(corpus, vocab_size=1024)
+    model = build_base_model(len(tokenizer), tokenizer, seed)
+    pretrain_copying(model, tokenizer, seed, pretrain_steps)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(assets.model_dir)
+    tokenizer.save_pretrained(assets.model_dir)
+    (out_dir / "assets.json").write_text(json.dumps({"version": ASSETS_VERSION, "seed": seed, "rows": rows}))
+    return assets

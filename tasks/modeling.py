@@ -1,0 +1,160 @@
+"""Loading the base model and tokenizer the way the plan says; shared by training and evaluation.
+
+Both stages must see the base model exactly alike (same quantization, same dtype, same tokenizer),
+otherwise evaluation would score a different model from the one trained.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from configs.schema import ConfigError, PipelineConfig
+from tasks.gpu import TrainingPlan
+
+# Messages that repeat for every layer or step and tell a user nothing actionable.
+_NOISY_WARNINGS = (
+    r".*torch_dtype.*deprecated.*",
+    r".*use_reentrant.*",
+    r".*MatMul8bitLt.*",
+    r".*Input type into Linear4bit is torch.float16.*",
+    r".*None of the inputs have requires_grad=True.*",
+    r".*generation flags are not valid.*",
+    r".*`use_cache=True` is incompatible with gradient checkpointing.*",
+    r".*copying from a non-meta parameter.*",
+    r".*Setting `save_embedding_layers`.*",
+)
+
+
+def quiet_libraries() -> None:
+    """Keep logs readable: errors and our own progress, not a warning per layer."""
+    import datasets
+    import transformers
+
+    for pattern in _NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(config: PipelineConfig, source: str | Path | None = None) -> Any:
+    """The tokenizer with a pad token and left padding (decoder-only batched generation needs it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(source or config.model.name_or_path),
+        revision=None if source else config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_base_model(config: PipelineConfig, plan: TrainingPlan) -> Any:
+    """The base model, 4-bit NF4 with double quantization when the plan says so."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quiet_libraries()
+    dtype = torch_dtype(plan.compute_dtype)
+    quantization = None
+    if plan.load_in_4bit:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=plan.quant_type,
+            bnb_4bit_use_double_quant=plan.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model.name_or_path,
+            revision=config.model.revision,
+            trust_remote_code=config.model.trust_remote_code,
+            quantization_config=quantization,
+            dtype=dtype,
+            device_map={"": 0 if plan.device == "cuda" else "cpu"},
+        )
+    except OSError as exc:
+        raise ConfigError(f"model.name_or_path: cannot load '{config.model.name_or_path}': {exc}") from exc
+    model.config.use_cache = False
+    return model
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Leaf names of the linear layers LoRA can target (4-bit layers included, lm_head excluded)."""
+    import torch
+
+    output_embedding = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if module is output_embedding or not name:
+            continue
+        if isinstance(module, torch.nn.Linear):  # bitsandbytes Linear4bit subclasses nn.Linear
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_target_modules(config: PipelineConfig, model: Any) -> None:
+    """Fail with the model's own module names when the config targets layers it does not have."""
+    targets = config.lora.target_modules
+    if targets == "all-linear" or targets is None:
+        return
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ConfigError(
+            f"lora.target_modules: {missing} not found in {config.model.name_or_path}; "
+            f"its linear modules are {available} (or use 'all-linear')"
+        )
+
+
+def release_memory() -> None:
+    """Return freed model memory to the device once the caller dropped its references.
+
+    Called at the end of each stage so train and evaluate never hold two models on one GPU.
+    """
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def hash_directory(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "config.json")) -> str:
+    """Content hash of a local model folder's weights and config: how a local base is pinned."""
+    digest = hashlib.sha256()
+    for file in sorted(f for pattern in patterns for f in Path(path).glob(pattern)):
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def base_model_reference(config: PipelineConfig) -> dict[str, str]:
+    """What registration records so the exact base can be found again at load time."""
+    source = config.model.name_or_path
+    if Path(source).exists():
+        return {"kind": "local", "path": str(Path(source).resolve()), "sha256": hash_directory(Path(source))}
+    revision = config.model.revision
+    if revision is None:
+        try:
+            from huggingface_hub import model_info
+
+            revision = model_info(source).sha
+        except Exception:  # offline or private: keep the id, say the revision is unpinned
+            revision = "unpinned"
+    return {"kind": "hub", "id": source, "revision": str(revision)}

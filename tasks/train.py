@@ -1,0 +1,254 @@
+"""QLoRA training: transformers Trainer over a 4-bit base with a peft LoRA adapter.
+
+Checkpoints go to `<output_dir>/checkpoints` and a rerun with the same output dir resumes from the
+last one. The finished adapter is written to a temporary folder and swapped into
+`<output_dir>/adapter` in one rename, so a crash never leaves a half-written adapter in place of a
+good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from configs.schema import PipelineConfig
+from tasks.data import DatasetSplits, tokenize_example
+from tasks.gpu import TrainingPlan
+from tasks.modeling import check_target_modules, load_base_model, load_tokenizer, quiet_libraries, release_memory
+
+ADAPTER_DIRNAME = "adapter"
+CHECKPOINT_DIRNAME = "checkpoints"
+SUMMARY_FILE = "train_summary.json"
+CONFIG_FILE = "pipeline_config.yaml"
+INITIAL_EVAL_FILE = "initial_eval.json"
+
+
+@dataclass
+class TrainSummary:
+    global_step: int
+    resumed_from_step: int
+    train_loss: float | None
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    train_tokens: int
+    tokens_per_second: float
+    wall_time_s: float
+    peak_memory_bytes: int
+    trainable_params: int
+    plan: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    summary: TrainSummary
+    model: Any = None  # the in-memory PeftModel, only when asked for (tests); else released
+
+
+def adapter_dir_for(config: PipelineConfig) -> Path:
+    return Path(config.training.output_dir) / ADAPTER_DIRNAME
+
+
+def last_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest complete checkpoint; a folder without trainer_state.json was cut off mid-save."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not checkpoint_dir.is_dir():
+        return None
+    found = get_last_checkpoint(str(checkpoint_dir))
+    while found and not (Path(found) / "trainer_state.json").exists():
+        shutil.rmtree(found)  # an interrupted save; the previous checkpoint is still whole
+        found = get_last_checkpoint(str(checkpoint_dir))
+    return found
+
+
+def build_lora_model(model: Any, config: PipelineConfig, plan: TrainingPlan) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    check_target_modules(config, model)
+    if plan.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=plan.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        bias=config.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def tokenized_dataset(tokenizer: Any, examples: list, max_seq_length: int) -> Any:
+    import datasets
+
+    return datasets.Dataset.from_list([tokenize_example(tokenizer, e, max_seq_length) for e in examples])
+
+
+def data_collator(tokenizer: Any, packing: bool) -> Any:
+    """Padding-free packing when configured: no compute is spent on pad tokens.
+
+    DataCollatorWithFlattening concatenates the batch into one row with restarting position_ids;
+    transformers' masking utilities turn those into a block-diagonal mask, so examples never attend
+    to each other.
+    """
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening()
+    tokenizer.padding_side = "right"  # training pads on the right; generation uses left padding
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+
+
+def training_arguments(config: PipelineConfig, plan: TrainingPlan, checkpoint_dir: Path, steps: int) -> Any:
+    from transformers import TrainingArguments
+
+    training = config.training
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=training.max_steps,
+        num_train_epochs=training.num_epochs,
+        per_device_train_batch_size=plan.per_device_batch_size,
+        per_device_eval_batch_size=plan.per_device_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=int(round(training.warmup_ratio * steps)),
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        optim=plan.optim,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=plan.compute_dtype == "bfloat16",
+        fp16=plan.compute_dtype == "float16",
+        use_cpu=plan.device == "cpu",
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        logging_steps=training.logging_steps,
+        eval_strategy="steps" if training.eval_steps else "no",
+        eval_steps=training.eval_steps,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        seed=training.seed,
+        data_seed=training.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def planned_steps(config: PipelineConfig, plan: TrainingPlan, train_rows: int) -> int:
+    if config.training.max_steps > 0:
+        return config.training.max_steps
+    per_step = plan.per_device_batch_size * plan.gradient_accumulation_steps
+    return max(1, int(config.training.num_epochs * -(-train_rows // per_step)))
+
+
+def peak_memory_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def write_adapter(model: Any, tokenizer: Any, config: PipelineConfig, summary: TrainSummary, target: Path) -> None:
+    """Write to a sibling temp dir, then swap it in: readers see the old adapter or the new, never half."""
+    staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(str(staging))
+    (staging / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    (staging / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
+    previous = target.with_name(f".{target.name}.previous-{os.getpid()}")
+    if target.exists():
+        target.rename(previous)
+    staging.rename(target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def train(
+    config: PipelineConfig,
+    plan: TrainingPlan,
+    splits: DatasetSplits,
+    callbacks: list[Any] | None = None,
+    keep_model: bool = False,
+) -> TrainResult:
+    """Stage 3: train the adapter and write it to `<output_dir>/adapter`.
+
+    Nothing is written to the output dir before the base model has loaded and the LoRA targets are
+    checked, so a config error leaves no trace.
+    """
+    import torch
+    from transformers import Trainer
+
+    quiet_libraries()
+    started = time.perf_counter()
+    torch.manual_seed(config.training.seed)
+    tokenizer = load_tokenizer(config)
+    model = build_lora_model(load_base_model(config, plan), config, plan)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    output_dir = Path(config.training.output_dir)
+    checkpoint_dir = output_dir / CHECKPOINT_DIRNAME
+    resume_from = last_checkpoint(checkpoint_dir) if config.training.resume else None
+    if not config.training.resume and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    max_len = config.data.max_seq_length
+    train_data = tokenized_dataset(tokenizer, splits.train, max_len)
+    eval_data = tokenized_dataset(tokenizer, splits.eval, max_len) if splits.eval else None
+    steps = planned_steps(config, plan, len(train_data))
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(config, plan, checkpoint_dir, steps),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        data_collator=data_collator(tokenizer, config.training.packing),
+        processing_class=tokenizer,
+        callbacks=callbacks or [],
+    )
+
+    initial_eval_file = checkpoint_dir / INITIAL_EVAL_FILE
+    if eval_data is not None and not initial_eval_file.exists():
+        initial_eval_file.write_text(json.dumps(trainer.evaluate()))
+    eval_before = json.loads(initial_eval_file.read_text()).get("eval_loss") if initial_eval_file.exists() else None
+
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    eval_after = trainer.evaluate().get("eval_loss") if eval_data is not None else None
+    runtime = output.metrics.get("train_runtime") or (time.perf_counter() - started)
+    tokens = int(trainer.state.num_input_tokens_seen)
+    summary = TrainSummary(
+        global_step=trainer.state.global_step,
+        resumed_from_step=int(Path(resume_from).name.split("-")[-1]) if resume_from else 0,
+        train_loss=output.training_loss,
+        eval_loss_before=eval_before,
+        eval_loss_after=eval_after,
+        train_tokens=tokens,
+        tokens_per_second=tokens / runtime if runtime else 0.0,
+        wall_time_s=time.perf_counter() - started,
+        peak_memory_bytes=peak_memory_bytes(plan.device),
+        trainable_params=trainable,
+        plan=plan.to_dict(),
+    )
+    adapter_dir = adapter_dir_for(config)
+    write_adapter(model, tokenizer, config, summary, adapter_dir)
+    result = TrainResult(adapter_dir=adapter_dir, summary=summary, model=model if keep_model else None)
+    del trainer, model
+    release_memory()
+    return result
