@@ -1,0 +1,41 @@
+"""The offline demo assets: deterministic, offline, a real Llama with a chat template and pad token."""
+
+from __future__ import annotations
+
+import json
+
+from tasks.data import load_splits
+from tasks.demo_assets import build_demo_assets, zorbish_lexicon
+from tasks.modeling import hash_directory
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path) -> None:
+    first = build_demo_assets(tmp_path / "a", seed=3, rows=200, pretrain_steps=5)
+    second = build_demo_assets(tmp_path / "b", seed=3, rows=200, pretrain_steps=5)
+    other = build_demo_assets(tmp_path / "c", seed=4, rows=200, pretrain_steps=5)
+    assert first.data_path.read_bytes() == second.data_path.read_bytes()
+    assert hash_directory(first.model_dir) == hash_directory(second.model_dir)
+    assert first.data_path.read_bytes() != other.data_path.read_bytes()
+
+
+def test_demo_dataset_follows_its_mapping_and_splits_without_leakage(demo_assets, make_config) -> None:
+    rows = [json.loads(line) for line in demo_assets.data_path.read_text().splitlines()]
+    assert len(rows) >= 2000
+    lexicon = zorbish_lexicon(0)
+    assert all(r["output"] == " ".join(lexicon[w] for w in r["input"].split()) for r in rows)
+    splits = load_splits(make_config().data)
+    assert 0.05 < len(splits.eval) / len(rows) < 0.15
+    assert not {e.prompt_key for e in splits.train} & {e.prompt_key for e in splits.eval}
+    assert load_splits(make_config().data).fingerprint == splits.fingerprint
+
+
+def test_demo_model_is_a_small_llama_with_template_and_pad(demo_assets) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(demo_assets.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    assert config.model_type == "llama"
+    assert tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.chat_template
+    text = "red cat runs"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text

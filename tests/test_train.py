@@ -1,0 +1,81 @@
+"""Real QLoRA training on the CPU: NF4 + double quantization, paged 8-bit AdamW, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from tasks.data import load_splits
+from tasks.gpu import check_gpu
+from tasks.train import CHECKPOINT_DIRNAME, CONFIG_FILE, SUMMARY_FILE, train
+
+
+def test_lora_targets_are_real_4bit_layers(trained) -> None:
+    import bitsandbytes as bnb
+
+    _, plan, _, result = trained
+    assert plan.load_in_4bit and plan.quant_type == "nf4" and plan.double_quant
+    lora_layers = [m for n, m in result.model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert lora_layers, "no LoRA layers found"
+    for layer in lora_layers:
+        assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
+        assert layer.base_layer.weight.quant_state.nested  # double quantization of the absmax constants
+    assert result.summary.plan["optim"] == "paged_adamw_8bit"
+
+
+def test_short_training_lowers_eval_loss_clearly(trained) -> None:
+    summary = trained[3].summary
+    assert summary.eval_loss_before is not None and summary.eval_loss_after is not None
+    assert summary.eval_loss_after < 0.6 * summary.eval_loss_before
+    assert summary.global_step == 160 and summary.tokens_per_second > 0 and summary.train_tokens > 0
+
+
+def test_adapter_is_standard_peft_and_reloads_with_identical_logits(trained) -> None:
+    from peft import PeftModel
+
+    from tasks.modeling import load_base_model, load_tokenizer
+
+    config, plan, splits, result = trained
+    files = {p.name for p in result.adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", SUMMARY_FILE, CONFIG_FILE} <= files
+    assert "tokenizer.json" in files and "chat_template.jinja" in files or "tokenizer_config.json" in files
+    tokenizer = load_tokenizer(config)
+    batch = tokenizer(["<|user|>\nRewrite this in Zorbish.\n\nred cat runs<|end|>\n<|assistant|>\n"],
+                      return_tensors="pt")
+    reloaded = PeftModel.from_pretrained(load_base_model(config, plan), str(result.adapter_dir)).eval()
+    in_memory = result.model.eval()
+    with torch.no_grad():
+        expected = in_memory(**batch).logits
+        actual = reloaded(**batch).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+class StopAfterFirstCheckpoint(TrainerCallback):
+    """Simulates a crash right after a checkpoint was written."""
+
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt(f"simulated crash at step {state.global_step}")
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(make_config, tmp_path) -> None:
+    config = make_config("training.max_steps=6", "training.save_steps=3", "training.logging_steps=1",
+                         output_dir=tmp_path / "run")
+    splits = load_splits(config.data)
+    splits.eval = splits.eval[:16]
+    _, plan = check_gpu(config)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, plan, splits, callbacks=[StopAfterFirstCheckpoint()])
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / CHECKPOINT_DIRNAME).glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-3"]
+    assert not (tmp_path / "run" / "adapter").exists()  # no adapter from an unfinished run
+
+    result = train(config, plan, splits)
+    assert result.summary.resumed_from_step == 3
+    assert result.summary.global_step == 6
+    state = json.loads((tmp_path / "run" / CHECKPOINT_DIRNAME / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    # the loss history of steps 1-3 came back with the checkpoint; steps 4-6 were trained after it
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
