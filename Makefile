@@ -12,6 +12,9 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+
 .PHONY: install demo test lint demo-assets mlflow-ui ui serve bench stack-test clean
 
 $(STAMP): pyproject.toml
@@ -27,9 +30,29 @@ install: $(STAMP)
 demo-assets: $(STAMP)
 	$(BIN)/qlora demo-assets
 
+# The whole flow on the offline demo: assets are built on first use, then validate -> check GPU ->
+# train -> evaluate -> register into the local MLflow store (mlflow/).
 demo: $(STAMP)
 	$(BIN)/qlora demo-assets
-	$(BIN)/qlora train --config $(CONFIG)
+	$(BIN)/qlora run --config $(CONFIG)
+
+# Nightly schedule from this process, for people without a work pool (see prefect.yaml otherwise).
+serve: $(STAMP)
+	$(BIN)/qlora serve --config $(CONFIG)
+
+# Local Prefect server and MLflow UI on 127.0.0.1; Ctrl-C stops both.
+ui: $(STAMP)
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
+	trap 'kill 0' INT TERM; \
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & \
+	MLFLOW_PORT=$(MLFLOW_PORT) PATH="$(CURDIR)/$(BIN):$$PATH" bash mlflow/server.sh & \
+	wait
+
+mlflow-ui: $(STAMP)
+	MLFLOW_PORT=$(MLFLOW_PORT) PATH="$(CURDIR)/$(BIN):$$PATH" bash mlflow/server.sh
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -27,6 +27,9 @@ _NOISY_WARNINGS = (
     r".*`use_cache=True` is incompatible with gradient checkpointing.*",
     r".*copying from a non-meta parameter.*",
     r".*Setting `save_embedding_layers`.*",
+    # transformers 5.x renames gradient checkpointing to activation checkpointing; peft and the
+    # Trainer still call the old names internally, once per run.
+    r".*gradient_checkpointing.* is deprecated and will be removed in v6.*",
 )
 
 
