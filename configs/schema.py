@@ -190,6 +190,15 @@ class RegistryConfig(_Section):
     )
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
+    request_max_retries: int | None = Field(
+        None, ge=0, description="MLflow HTTP retries per request (MLFLOW_HTTP_REQUEST_MAX_RETRIES); None: MLflow's"
+    )
+    request_timeout_s: int | None = Field(
+        None, ge=1, description="MLflow HTTP timeout per request (MLFLOW_HTTP_REQUEST_TIMEOUT); None: MLflow's"
+    )
+    log_input_example: bool = Field(
+        True, description="store an input example with the model; MLflow then loads it and predicts once at logging"
+    )
 
 
 class PipelineConfig(_Section):

@@ -66,3 +66,81 @@ def trained(demo_assets, tmp_path_factory):
     _, plan = check_gpu(config)
     result = train(config, plan, splits, keep_model=True)
     return config, plan, splits, result
+
+
+@pytest.fixture(scope="session")
+def evaluated(trained, tmp_path_factory):
+    """The `trained` adapter evaluated against the base on the demo eval rows: (config, result, report, paths).
+
+    `paths` are the saved report files (eval_report.json, eval_summary.md, eval_samples.json).
+    """
+    from tasks.evaluate import evaluate_adapter
+
+    config, plan, splits, result = trained
+    report = evaluate_adapter(config, plan, splits, result.adapter_dir)
+    paths = report.save(tmp_path_factory.mktemp("evaluated"))
+    return config, result, report, paths
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory):
+    """An empty MLflow sqlite store with its schema created once (MLflow's migrations take ~10 s a store)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_store_template, tmp_path):
+    """A fresh, real sqlite MLflow store in tmp_path (a copy of the empty template); artifacts go beside it."""
+    import shutil
+
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_store_template, db)
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture
+def registry_config(trained, mlflow_uri):
+    """The trained demo config pointed at a fresh sqlite MLflow store in tmp_path; HTTP failures fail fast."""
+    config = trained[0].model_copy(deep=True)
+    config.registry.tracking_uri = mlflow_uri
+    config.registry.request_max_retries = 0
+    config.registry.request_timeout_s = 10
+    return config
+
+
+def make_eval_report(base: float = 2.0, adapter: float = 80.0, champion: float | None = None,
+                     significant: bool = True, rouge_drop: float = 0.0, vs_champion: bool = True,
+                     significant_vs_champion: bool | None = None) -> dict:
+    """An evaluation report in the shape tasks/evaluate.py writes (points 0-100), for registry tests."""
+    def scores(bleu: float, rouge: float) -> dict:
+        return {"bleu": bleu, "rouge1": rouge, "rouge2": rouge / 2, "rougeL": rouge, "rougeLsum": rouge,
+                "eval_loss": 1.0, "perplexity": 2.7, "samples_per_s": 50.0, "wall_time_s": 1.0}
+
+    def comparison(delta: float, rouge_delta: float, significant: bool) -> dict:
+        p_value = 0.001 if significant else 0.4
+        return {"bleu": {"delta": delta, "ci_low": delta - 1, "ci_high": delta + 1, "p_value": p_value,
+                         "significant": significant},
+                "rougeL": {"delta": rouge_delta, "ci_low": rouge_delta - 1, "ci_high": rouge_delta + 1,
+                           "p_value": p_value, "significant": significant}}
+
+    adapter_rouge = adapter - rouge_drop
+    report = {
+        "n_samples": 64, "generation": {"max_new_tokens": 24, "do_sample": False}, "bleu_signature": "nrefs:1|test",
+        "significance_level": 0.05, "wall_time_s": 3.0,
+        "systems": {"base": scores(base, base), "adapter": scores(adapter, adapter_rouge)},
+        "comparisons": {"adapter_vs_base": comparison(adapter - base, adapter_rouge - base, significant)},
+        "samples": [{"prompt": "Rewrite this in Zorbish.\n\nred cat", "reference": "zel vobip", "base": "red cat",
+                     "adapter": "zel vobip"}],
+    }
+    if champion is not None:
+        report["systems"]["champion"] = scores(champion, champion)
+        report["samples"][0]["champion"] = "zel"
+        if vs_champion:
+            report["comparisons"]["adapter_vs_champion"] = comparison(
+                adapter - champion, adapter_rouge - champion,
+                significant if significant_vs_champion is None else significant_vs_champion)
+    return report

@@ -1,0 +1,444 @@
+"""Evaluation: the adapter against the base model (and the serving "champion" adapter), with significance.
+
+One base model is loaded (4-bit when the plan says so) and scored first; the adapter is then attached
+with peft, and the champion, when given, is loaded as a second adapter on the same base, so only one
+copy of the base weights is ever resident. Every system answers the same prompts, built with the
+training template, by batched greedy generation (left padding, only the new tokens decoded).
+
+Scores are on one 0-100 points scale: corpus BLEU (sacrebleu) and ROUGE-1/2/L/Lsum F-measures
+(rouge-score), plus the eval loss (mean token loss on the responses, masked as in training) and its
+perplexity. A comparison reports `candidate - baseline` with a 95% interval and a p-value from a
+paired bootstrap; `significant` means p < evaluation.significance_level (two-sided: check the sign).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from configs.schema import ConfigError, PipelineConfig
+from tasks.data import IGNORE_INDEX, DataError, DatasetSplits, Example, render_prompt, tokenize_example
+from tasks.gpu import TrainingPlan
+from tasks.modeling import (
+    hash_directory,
+    linear_module_names,
+    load_base_model,
+    load_tokenizer,
+    quiet_libraries,
+    release_memory,
+)
+
+REPORT_FILE = "eval_report.json"
+SUMMARY_FILE = "eval_summary.md"
+SAMPLES_FILE = "eval_samples.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+METRIC_KEYS = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum")
+METRIC_LABELS = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
+                 "rougeLsum": "ROUGE-Lsum"}
+CHAMPION = "champion"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation and loss
+# ----------------------------------------------------------------------------------------------------
+
+def generation_config(tokenizer: Any, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0) -> Any:
+    """Greedy unless sampling is asked for; the model's own generation defaults are not consulted."""
+    from transformers import GenerationConfig
+
+    sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        **sampling,
+    )
+
+
+def generate_responses(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int,
+                       do_sample: bool = False, temperature: float = 1.0) -> list[str]:
+    """Answers to `prompts` (already rendered with the template), in order.
+
+    Batches are built from prompts of similar length (less padding), padded on the left so every row
+    ends at the same position and generation continues right after each prompt; only the tokens
+    after the prompt are decoded, special tokens skipped.
+    """
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    config = generation_config(tokenizer, max_new_tokens, do_sample, temperature)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    outputs: list[str] = [""] * len(prompts)
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # training may have switched the shared tokenizer to right padding
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, padding=True, return_tensors="pt")
+            batch = {key: value.to(model.device) for key, value in batch.items()}
+            with torch.inference_mode():
+                generated = model.generate(**batch, generation_config=config)
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+                outputs[i] = text.strip()
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return outputs
+
+
+def eval_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_length: int,
+              batch_size: int) -> tuple[float | None, float | None]:
+    """(mean loss per response token, perplexity) with the prompt masked exactly as in training.
+
+    Rows are padded on the right so positions start at 0 as in training; the mean is over all
+    response tokens of the split (not a mean of batch means). None when no response token is left
+    after truncation to max_seq_length (perplexity also None if it overflows a float).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    features = [tokenize_example(tokenizer, e, max_seq_length) for e in examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total_loss, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(features), batch_size):
+            batch = features[start:start + batch_size]
+            width = max(len(f["input_ids"]) for f in batch)
+            input_ids = torch.tensor([f["input_ids"] + [pad_id] * (width - len(f["input_ids"])) for f in batch])
+            attention = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in batch])
+            labels = torch.tensor([f["labels"] + [IGNORE_INDEX] * (width - len(f["labels"])) for f in batch])
+            with torch.inference_mode():
+                logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(shift_logits.device)
+            total_loss += F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                          ignore_index=IGNORE_INDEX, reduction="sum").item()
+            total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    if not total_tokens:
+        return None, None
+    loss = total_loss / total_tokens
+    return loss, math.exp(loss) if loss < 700 else None  # None, not inf: the report stays strict JSON
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adapter checks
+# ----------------------------------------------------------------------------------------------------
+
+def read_adapter_config(adapter_dir: str | Path, option: str = "--adapter") -> dict[str, Any]:
+    """adapter_config.json of a peft adapter folder; ConfigError naming the option when it is not one."""
+    text = str(adapter_dir)
+    if text.startswith("models:/"):
+        raise ConfigError(f"{option} {text}: a registry URI; download the adapter first and pass its folder")
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{option} {adapter_dir}: no {ADAPTER_CONFIG} there; pass a folder written by `qlora train` "
+                          "(<training.output_dir>/adapter) or by peft's save_pretrained")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option} {adapter_dir}: {ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
+
+
+def _same_base(recorded: str, configured: str) -> bool:
+    if recorded == configured:
+        return True
+    recorded_path, configured_path = Path(recorded), Path(configured)
+    if recorded_path.is_dir() and configured_path.is_dir():
+        if recorded_path.resolve() == configured_path.resolve():
+            return True
+        return hash_directory(recorded_path) == hash_directory(configured_path)  # a copy of the same model
+    return False
+
+
+def check_adapter_base(adapter_config: dict[str, Any], config: PipelineConfig, adapter_dir: str | Path,
+                       option: str = "--adapter") -> None:
+    """The adapter was trained on the configured base (same id, same folder or an identical copy)."""
+    if adapter_config.get("peft_type") not in (None, "LORA"):
+        raise ConfigError(f"{option} {adapter_dir}: peft_type {adapter_config.get('peft_type')!r}; "
+                          "evaluation loads LoRA adapters only")
+    recorded = adapter_config.get("base_model_name_or_path")
+    if recorded and not _same_base(str(recorded), config.model.name_or_path):
+        raise ConfigError(
+            f"{option} {adapter_dir} was trained on base '{recorded}' but model.name_or_path is "
+            f"'{config.model.name_or_path}'; evaluate it with the base it was trained on "
+            f"(--set model.name_or_path={recorded})"
+        )
+
+
+def check_adapter_modules(model: Any, adapter_config: dict[str, Any], adapter_dir: str | Path,
+                          option: str = "--adapter") -> None:
+    """Every module the adapter targets exists in the base, with the shapes the adapter was trained on."""
+    targets = adapter_config.get("target_modules")
+    module_names = [name for name, _ in model.named_modules() if name]
+    available = linear_module_names(model)
+    if isinstance(targets, str) and targets != "all-linear":
+        if not any(re.fullmatch(targets, name) for name in module_names):
+            raise ConfigError(f"{option} {adapter_dir}: target_modules pattern {targets!r} matches no module of "
+                              f"{model.config.name_or_path}; its linear modules are {available}")
+    elif isinstance(targets, list):
+        missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in module_names)]
+        if missing:
+            raise ConfigError(
+                f"{option} {adapter_dir} does not fit base {model.config.name_or_path}: target modules {missing} "
+                f"not found in the base (architecture {model.config.model_type}); its linear modules are {available}"
+            )
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if weights.is_file():
+        _check_adapter_shapes(model, weights, adapter_dir, option)
+
+
+def _check_adapter_shapes(model: Any, weights: Path, adapter_dir: str | Path, option: str) -> None:
+    from safetensors import safe_open
+
+    problems: list[str] = []
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+            if not match:
+                continue
+            path, part = match.groups()
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                problems.append(f"{path} (no such module in the base)")
+                continue
+            shape = handle.get_slice(key).get_shape()
+            in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+            if part == "A" and in_features is not None and shape[1] != in_features:
+                problems.append(f"{path} (adapter input size {shape[1]}, base {in_features})")
+            if part == "B" and out_features is not None and shape[0] != out_features:
+                problems.append(f"{path} (adapter output size {shape[0]}, base {out_features})")
+    if problems:
+        shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise ConfigError(f"{option} {adapter_dir} does not fit base {model.config.name_or_path} "
+                          f"(different architecture?): {shown}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalReport:
+    """What evaluation found; `to_dict()` is the JSON shape registration and the flow read."""
+
+    n_samples: int
+    generation: dict[str, Any]
+    bleu_signature: str
+    systems: dict[str, dict[str, Any]]
+    comparisons: dict[str, dict[str, dict[str, Any]]]
+    significance_level: float
+    samples: list[dict[str, str]]
+    wall_time_s: float
+    adapter_dir: str = ""
+    champion_adapter: str | None = None
+    outputs: dict[str, list[str]] = field(default_factory=dict, repr=False)  # every output, not in the JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("outputs")
+        return data
+
+    def markdown(self) -> str:
+        g = self.generation
+        sampling = f"sampling, temperature {g['temperature']}" if g["do_sample"] else "greedy"
+        lines = [
+            f"**Evaluation** on {self.n_samples} eval rows; {sampling}, batch {g['batch_size']}, "
+            f"max {g['max_new_tokens']} new tokens; wall time {self.wall_time_s:.1f} s.",
+            "",
+            "| system | " + " | ".join(METRIC_LABELS[k] for k in METRIC_KEYS)
+            + " | eval loss | perplexity | samples/s |",
+            "|---|" + "---:|" * (len(METRIC_KEYS) + 3),
+        ]
+        for name, s in self.systems.items():
+            cells = [f"{s[k]:.2f}" for k in METRIC_KEYS]
+            cells += [_fmt(s["eval_loss"], ".4f"), _fmt(s["perplexity"], ".2f"), f"{s['samples_per_s']:.2f}"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "| comparison | metric | delta (points) | 95% CI | p-value | significant |",
+            "|---|---|---:|---|---:|---|",
+        ]
+        for name, metrics in self.comparisons.items():
+            for metric, c in metrics.items():
+                lines.append(
+                    f"| {name.replace('_', ' ')} | {METRIC_LABELS.get(metric, metric)} | {c['delta']:+.2f} | "
+                    f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_value']:.4f} | "
+                    f"{'yes' if c['significant'] else 'no'} |"
+                )
+        lines += [
+            "",
+            f"Significant: paired bootstrap p < {self.significance_level} (two-sided; the sign of the delta says "
+            "which way). BLEU test: sacrebleu paired bootstrap; ROUGE-L: paired bootstrap over per-sample F-measures.",
+            f"BLEU signature: `{self.bleu_signature}`",
+        ]
+        return "\n".join(lines)
+
+    def samples_markdown(self) -> str:
+        """The sample rows as a markdown table (for a UI artifact)."""
+        if not self.samples:
+            return ""
+        columns = list(self.samples[0])
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for row in self.samples:
+            lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+        return "\n".join(lines)
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"report": out / REPORT_FILE, "summary": out / SUMMARY_FILE, "samples": out / SAMPLES_FILE}
+        paths["report"].write_text(json.dumps(self.to_dict(), indent=2))
+        paths["summary"].write_text(self.markdown() + "\n")
+        paths["samples"].write_text(json.dumps(self.samples, indent=2, ensure_ascii=False))
+        return paths
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------
+
+def eval_examples(config: PipelineConfig, splits: DatasetSplits) -> list[Example]:
+    """The eval rows scored: the eval split in file order, capped at evaluation.max_rows."""
+    if not splits.eval:
+        raise DataError(
+            "the eval split is empty: nothing to evaluate on. Set data.eval_path to an eval file or raise "
+            f"data.eval_fraction (now {config.data.eval_fraction}) so some rows hash into eval"
+        )
+    cap = config.evaluation.max_rows
+    return list(splits.eval[:cap] if cap else splits.eval)
+
+
+def _score_system(model: Any, tokenizer: Any, config: PipelineConfig, prompts: list[str],
+                  examples: list[Example]) -> tuple[list[str], dict[str, Any]]:
+    import torch
+
+    from tasks.metrics import RougeMetric, SacreBleuMetric
+
+    ev = config.evaluation
+    torch.manual_seed(ev.seed)  # only matters when sampling
+    started = time.perf_counter()
+    outputs = generate_responses(model, tokenizer, prompts, ev.batch_size, ev.max_new_tokens, ev.do_sample,
+                                 ev.temperature)
+    generation_s = time.perf_counter() - started
+    started = time.perf_counter()
+    loss, perplexity = eval_loss(model, tokenizer, examples, config.data.max_seq_length, ev.batch_size)
+    loss_s = time.perf_counter() - started
+    references = [e.response for e in examples]
+    bleu = SacreBleuMetric().compute(predictions=outputs, references=references)
+    rouge = RougeMetric().compute(predictions=outputs, references=references)
+    scores = {
+        "bleu": bleu["score"],
+        **{key: rouge[key] for key in METRIC_KEYS[1:]},
+        "eval_loss": loss,
+        "perplexity": perplexity,
+        "samples_per_s": len(prompts) / generation_s if generation_s > 0 else 0.0,
+        "wall_time_s": generation_s,
+        "eval_loss_wall_time_s": loss_s,
+        "bleu_signature": bleu["signature"],
+    }
+    return outputs, scores
+
+
+def _compare(references: list[str], baseline: list[str], candidate: list[str], config: PipelineConfig) -> dict:
+    from tasks.metrics import bootstrap_rouge_l_delta, paired_bootstrap_bleu
+
+    ev = config.evaluation
+    args = (references, baseline, candidate, ev.bootstrap_resamples, ev.seed, ev.significance_level)
+    return {"bleu": paired_bootstrap_bleu(*args).to_dict(), "rougeL": bootstrap_rouge_l_delta(*args).to_dict()}
+
+
+def evaluate_adapter(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits, adapter_dir: str | Path,
+                     champion_adapter: str | Path | None = None) -> EvalReport:
+    """Stage 4: score base, adapter (and champion) on the eval split and compare them.
+
+    Raises DataError for an empty eval split and ConfigError for an adapter that does not fit the
+    configured base, before any generation.
+    """
+    from peft import PeftModel
+
+    quiet_libraries()
+    started = time.perf_counter()
+    ev = config.evaluation
+    examples = eval_examples(config, splits)
+    adapters = {"adapter": (Path(adapter_dir), "--adapter")}
+    if champion_adapter:
+        adapters[CHAMPION] = (Path(champion_adapter), "--champion")
+    adapter_configs = {}
+    for name, (path, option) in adapters.items():
+        adapter_configs[name] = read_adapter_config(path, option)
+        check_adapter_base(adapter_configs[name], config, path, option)
+
+    tokenizer = load_tokenizer(config)
+    prompts = [render_prompt(tokenizer, e.prompt_messages) for e in examples]
+    references = [e.response for e in examples]
+    outputs: dict[str, list[str]] = {}
+    systems: dict[str, dict[str, Any]] = {}
+    model = load_base_model(config, plan)
+    try:
+        for name, (path, option) in adapters.items():
+            check_adapter_modules(model, adapter_configs[name], path, option)
+        outputs["base"], systems["base"] = _score_system(model, tokenizer, config, prompts, examples)
+        # Attaching LoRA layers changes the base in place: the base was scored first.
+        model = PeftModel.from_pretrained(model, str(adapters["adapter"][0]), adapter_name="default",
+                                          is_trainable=False)
+        outputs["adapter"], systems["adapter"] = _score_system(model, tokenizer, config, prompts, examples)
+        if CHAMPION in adapters:
+            model.load_adapter(str(adapters[CHAMPION][0]), adapter_name=CHAMPION, is_trainable=False)
+            model.set_adapter(CHAMPION)
+            outputs[CHAMPION], systems[CHAMPION] = _score_system(model, tokenizer, config, prompts, examples)
+    finally:
+        model = None
+        release_memory()
+
+    signature = systems["base"].pop("bleu_signature")
+    for scores in systems.values():
+        scores.pop("bleu_signature", None)
+    comparisons = {"adapter_vs_base": _compare(references, outputs["base"], outputs["adapter"], config)}
+    if CHAMPION in outputs:
+        comparisons["adapter_vs_champion"] = _compare(references, outputs[CHAMPION], outputs["adapter"], config)
+
+    samples = []
+    for i, example in enumerate(examples[:ev.num_sample_rows]):
+        row = {"prompt": "\n\n".join(m["content"] for m in example.prompt_messages), "reference": example.response}
+        row.update({name: texts[i] for name, texts in outputs.items()})
+        samples.append(row)
+    return EvalReport(
+        n_samples=len(examples),
+        generation={"batch_size": ev.batch_size, "max_new_tokens": ev.max_new_tokens, "do_sample": ev.do_sample,
+                    "temperature": ev.temperature},
+        bleu_signature=signature,
+        systems=systems,
+        comparisons=comparisons,
+        significance_level=ev.significance_level,
+        samples=samples,
+        wall_time_s=time.perf_counter() - started,
+        adapter_dir=str(adapter_dir),
+        champion_adapter=str(champion_adapter) if champion_adapter else None,
+        outputs=outputs,
+    )

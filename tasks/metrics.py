@@ -1,0 +1,226 @@
+"""Text-overlap metrics and their significance tests, on one 0-100 points scale.
+
+BLEU is sacrebleu's corpus BLEU and ROUGE is Google's rouge-score, each wrapped as an
+`evaluate.Metric` defined here (the hub-hosted metric scripts need the network). No n-gram is counted
+in this module: the wrappers and the tests call the libraries' own scorers and statistics.
+
+Significance of a difference between two systems on the same references:
+- BLEU: sacrebleu's paired bootstrap resampling (`PairedTest(..., test_type="bs")`, the Moses
+  test) for the p-value, and the 95% percentile interval of the delta over the same resamples.
+- ROUGE-L: a paired bootstrap over per-sample rouge-score F-measures (ROUGE-L of a corpus is their
+  mean, so resampling samples is exact), giving the delta's 95% interval and a two-sided p-value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import datasets
+import evaluate
+import numpy as np
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+BLEU_NAME = "BLEU"  # the key sacrebleu's PairedTest files BLEU results under
+
+
+def _features(multi_reference: bool) -> datasets.Features:
+    reference = datasets.Value("string", id="sequence")
+    return datasets.Features({
+        "predictions": datasets.Value("string", id="sequence"),
+        "references": datasets.Sequence(reference, id="references") if multi_reference else reference,
+    })
+
+
+def _reference_streams(references: Sequence[str | Sequence[str]]) -> list[list[str]]:
+    """sacrebleu wants one list per reference *set*; evaluate hands us the references per prediction."""
+    per_prediction = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
+    count = len(per_prediction[0]) if per_prediction else 1
+    if any(len(refs) != count for refs in per_prediction):
+        raise ValueError("BLEU needs the same number of references for every prediction")
+    return [[refs[i] for refs in per_prediction] for i in range(count)]
+
+
+class _InMemoryMetric(evaluate.Metric):
+    """A metric that keeps its inputs in memory: no cache files, no locks, nothing left on disk."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("keep_in_memory", True)
+        super().__init__(**kwargs)
+
+
+class SacreBleuMetric(_InMemoryMetric):
+    """Corpus BLEU from sacrebleu (0-100) with its signature string, the way to reproduce the number."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Corpus BLEU computed by sacrebleu (sacrebleu.metrics.BLEU.corpus_score).",
+            citation="Post, 2018. A Call for Clarity in Reporting BLEU Scores.",
+            inputs_description="predictions: list of strings; references: a string or a list of strings each",
+            features=[_features(multi_reference=False), _features(multi_reference=True)],
+            codebase_urls=["https://github.com/mjpost/sacrebleu"],
+        )
+
+    def _compute(self, predictions: list[str], references: list[Any], tokenize: str | None = None,
+                 lowercase: bool = False) -> dict[str, Any]:
+        from sacrebleu.metrics import BLEU
+
+        bleu = BLEU(tokenize=tokenize, lowercase=lowercase)
+        result = bleu.corpus_score(list(predictions), _reference_streams(references))
+        return {
+            "score": float(result.score),
+            "signature": str(bleu.get_signature()),  # only known once references were seen
+            "counts": list(result.counts),
+            "totals": list(result.totals),
+            "precisions": [float(p) for p in result.precisions],
+            "bp": float(result.bp),
+            "sys_len": int(result.sys_len),
+            "ref_len": int(result.ref_len),
+        }
+
+
+def rouge_scorer(rouge_types: Sequence[str] = ROUGE_TYPES) -> Any:
+    from rouge_score import rouge_scorer as scorer_module
+
+    return scorer_module.RougeScorer(list(rouge_types), use_stemmer=True)
+
+
+def rouge_per_sample(references: Sequence[str], predictions: Sequence[str],
+                     rouge_types: Sequence[str] = ROUGE_TYPES) -> dict[str, np.ndarray]:
+    """rouge-score F-measures of every (reference, prediction) pair, as fractions in [0, 1]."""
+    scorer = rouge_scorer(rouge_types)
+    scores = [scorer.score(ref, pred) for ref, pred in zip(references, predictions, strict=True)]
+    return {key: np.array([s[key].fmeasure for s in scores], dtype=np.float64) for key in rouge_types}
+
+
+class RougeMetric(_InMemoryMetric):
+    """ROUGE-1/2/L/Lsum F-measures from rouge-score (Porter stemming), averaged over samples, x100.
+
+    The corpus value is the plain mean of the per-sample F-measures: deterministic, unlike the
+    `mid` of rouge-score's BootstrapAggregator (a median of unseeded bootstrap means).
+    """
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="ROUGE F-measures computed by rouge-score (rouge_scorer.RougeScorer), in points.",
+            citation="Lin, 2004. ROUGE: A Package for Automatic Evaluation of Summaries.",
+            inputs_description="predictions: list of strings; references: list of strings (one per prediction)",
+            features=_features(multi_reference=False),
+            codebase_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
+        )
+
+    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+        per_sample = rouge_per_sample(references, predictions)
+        return {key: float(values.mean() * 100.0) if values.size else 0.0 for key, values in per_sample.items()}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """`system_b - system_a` on one metric, in points, with a 95% interval and a two-sided p-value."""
+
+    delta: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    significant: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_paired(references: Sequence[str], system_a: Sequence[str], system_b: Sequence[str],
+                  resamples: int) -> None:
+    if not references:
+        raise ValueError("a paired test needs at least one reference")
+    if not len(references) == len(system_a) == len(system_b):
+        raise ValueError(
+            f"paired test: {len(references)} references, {len(system_a)} and {len(system_b)} outputs; "
+            "both systems must answer every reference"
+        )
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+
+
+@contextmanager
+def _sacrebleu_seed(seed: int) -> Iterator[None]:
+    """PairedTest reads its seed from SACREBLEU_SEED (and treats 0 as 'unseeded'): set it for one call."""
+    if seed == 0:
+        raise ValueError("seed must be non-zero: sacrebleu's PairedTest treats seed 0 as 'no seed'")
+    previous = os.environ.get("SACREBLEU_SEED")
+    os.environ["SACREBLEU_SEED"] = str(seed)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("SACREBLEU_SEED", None)
+        else:
+            os.environ["SACREBLEU_SEED"] = previous
+
+
+def paired_bootstrap_bleu(references: Sequence[str], system_a: Sequence[str], system_b: Sequence[str],
+                          resamples: int = 1000, seed: int = 12345,
+                          significance_level: float = 0.05) -> Comparison:
+    """BLEU(system_b) - BLEU(system_a) with sacrebleu's paired bootstrap test.
+
+    The p-value is sacrebleu's. The 95% interval is the 2.5/97.5 percentiles of the per-resample
+    delta, computed from sacrebleu's own sufficient statistics on the very resamples PairedTest
+    draws (same generator, same seed). When every sentence has identical statistics in both systems
+    the delta is 0 under any resampling: p is 1 by definition (sacrebleu's strict `>` would report
+    1/(resamples+1) there, i.e. call a system significantly different from itself).
+    """
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    _check_paired(references, system_a, system_b, resamples)
+    refs = [list(references)]
+    with _sacrebleu_seed(seed):
+        test = PairedTest([("a", list(system_a)), ("b", list(system_b))], {BLEU_NAME: BLEU()}, refs,
+                          test_type="bs", n_samples=resamples)
+        _, results = test()
+    score_a, score_b = results[BLEU_NAME][0].score, results[BLEU_NAME][1].score
+    p_value = float(results[BLEU_NAME][1].p_value)
+
+    metric = test.metrics[BLEU_NAME]
+    stats_a = np.array(test._baseline_info[BLEU_NAME][0], dtype="float32")
+    stats_b = np.array(metric._extract_corpus_statistics(list(system_b), refs), dtype="float32")
+    # The same index matrix sacrebleu's _paired_bs_test draws for this seed.
+    idxs = np.random.default_rng(seed).choice(len(system_b), size=(resamples, len(system_b)), replace=True)
+    deltas = np.array([
+        metric._compute_score_from_stats(b.sum(0)).score - metric._compute_score_from_stats(a.sum(0)).score
+        for a, b in zip(stats_a[idxs], stats_b[idxs], strict=True)
+    ])
+    if np.array_equal(stats_a, stats_b):
+        p_value = 1.0
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return Comparison(float(score_b - score_a), float(low), float(high), p_value, p_value < significance_level)
+
+
+def paired_bootstrap_mean(scores_a: np.ndarray, scores_b: np.ndarray, resamples: int, seed: int,
+                          significance_level: float = 0.05) -> Comparison:
+    """Paired bootstrap of a mean of per-sample scores (in points): delta, 95% interval, p-value.
+
+    The p-value is the two-sided shift test: the share of resampled deltas, centred on the observed
+    delta, at least as far from 0 as the observed delta ((count + 1) / (resamples + 1)). Equal
+    per-sample scores give delta 0 and p = 1.
+    """
+    diffs = (np.asarray(scores_b, dtype=np.float64) - np.asarray(scores_a, dtype=np.float64)) * 100.0
+    observed = float(diffs.mean())
+    idxs = np.random.default_rng(seed).choice(len(diffs), size=(resamples, len(diffs)), replace=True)
+    deltas = diffs[idxs].mean(axis=1)
+    extreme = int(np.sum(np.abs(deltas - observed) >= abs(observed) - 1e-12))
+    p_value = (extreme + 1) / (resamples + 1)
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return Comparison(observed, float(low), float(high), float(p_value), p_value < significance_level)
+
+
+def bootstrap_rouge_l_delta(references: Sequence[str], system_a: Sequence[str], system_b: Sequence[str],
+                            resamples: int = 1000, seed: int = 12345,
+                            significance_level: float = 0.05) -> Comparison:
+    """ROUGE-L(system_b) - ROUGE-L(system_a) in points, by paired bootstrap over samples."""
+    _check_paired(references, system_a, system_b, resamples)
+    a = rouge_per_sample(references, system_a, ("rougeL",))["rougeL"]
+    b = rouge_per_sample(references, system_b, ("rougeL",))["rougeL"]
+    return paired_bootstrap_mean(a, b, resamples, seed, significance_level)
