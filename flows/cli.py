@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,7 +41,7 @@ def pipeline_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except (ConfigError, DataError) as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print("[bold red]error:[/]", escape(str(exc)))
             raise typer.Exit(2) from None
 
     return wrapper
@@ -66,6 +67,26 @@ def demo_assets_command(
     console.print(f"demo data: {assets.data_path}\ndemo base model: {assets.model_dir}")
 
 
+@app.command("validate")
+@pipeline_errors
+def validate_command(
+    data_path: Annotated[str | None, typer.Argument(help="data file or hub id (default: data.path)")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Run the data contract (Great Expectations suite); exit code 1 when it fails."""
+    from tasks.validate import validate_data
+
+    result = validate_data(load(config, set_), data_path)
+    print(json.dumps(result.to_dict(), indent=2) if as_json else result.markdown())
+    if not result.success:
+        console.print(f"data contract failed: {', '.join(result.failed_names())}", style="bold red", markup=False)
+        raise typer.Exit(1)
+    console.print(f"data contract passed in {result.duration_s:.1f} s; fingerprint {result.fingerprint}",
+                  markup=False)
+
+
 @app.command("check-gpu")
 @pipeline_errors
 def check_gpu_command(config: ConfigOption = None, set_: SetOption = None,
@@ -77,8 +98,8 @@ def check_gpu_command(config: ConfigOption = None, set_: SetOption = None,
     if as_json:
         print(json.dumps({"report": report.to_dict(), "plan": plan.to_dict()}, indent=2))
         return
-    console.print(report.markdown())
-    console.print(plan.markdown())
+    console.print(report.markdown(), markup=False)
+    console.print(plan.markdown(), markup=False)
 
 
 @app.command("train")
@@ -99,6 +120,132 @@ def train_command(config: ConfigOption = None, set_: SetOption = None) -> None:
         f"adapter: {result.adapter_dir}\nsteps {s.global_step} (resumed from {s.resumed_from_step}), "
         f"eval loss {s.eval_loss_before} -> {s.eval_loss_after}, {s.tokens_per_second:.0f} tokens/s"
     )
+
+
+@app.command("evaluate")
+@pipeline_errors
+def evaluate_command(
+    adapter: Annotated[Path, typer.Option("--adapter", help="adapter folder to score (from `qlora train`)")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    champion: Annotated[Path | None, typer.Option("--champion", help="serving adapter folder to compare with")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="report folder (default <output_dir>/evaluation)")] = None,
+) -> None:
+    """Score base vs adapter (and champion): BLEU/ROUGE, eval loss, paired-bootstrap significance."""
+    from tasks.data import load_splits
+    from tasks.evaluate import evaluate_adapter
+    from tasks.gpu import check_gpu
+
+    cfg = load(config, set_)
+    splits = load_splits(cfg.data)
+    _, plan = check_gpu(cfg)
+    console.print(f"plan: {plan.summary()}")
+    report = evaluate_adapter(cfg, plan, splits, adapter, champion_adapter=champion or cfg.evaluation.champion_adapter)
+    paths = report.save(out or Path(cfg.training.output_dir) / "evaluation")
+    print(report.markdown())
+    console.print("report: " + ", ".join(str(path) for path in paths.values()))
+
+
+@app.command("register")
+@pipeline_errors
+def register_command(
+    adapter: Annotated[Path, typer.Option("--adapter", help="adapter folder to register (from `qlora train`)")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="evaluation report JSON (default <output_dir>/evaluation/eval_report.json)")] = None,
+    validation: Annotated[Path | None, typer.Option(
+        "--validation", help="data contract result JSON (`qlora validate --json`), recorded as lineage")] = None,
+) -> None:
+    """Register the adapter as a new model version: `challenger` always, `champion` only when it wins."""
+    from configs.schema import ConfigError
+    from tasks.evaluate import REPORT_FILE
+    from tasks.register import TrackingServerUnreachable, register_adapter
+
+    cfg = load(config, set_)
+    report_path = report or Path(cfg.training.output_dir) / "evaluation" / REPORT_FILE
+    if not report_path.is_file():
+        raise ConfigError(f"evaluation report {report_path} not found: run `qlora evaluate --adapter {adapter}` "
+                          "first, or pass --report")
+    checks = json.loads(validation.read_text()) if validation else None
+    try:
+        result = register_adapter(cfg, adapter, json.loads(report_path.read_text()), validation=checks)
+    except TrackingServerUnreachable as exc:  # nothing was registered; the same command can be rerun
+        console.print("[bold red]error:[/]", escape(str(exc)))
+        raise typer.Exit(2) from None
+    verdict = "promoted to champion" if result.promoted else "not promoted"
+    reasons = "\n".join(f"  - {reason}" for reason in result.decision["reasons"])
+    console.print(
+        f"registered {result.name} version {result.version} (aliases: {', '.join(result.aliases)}; {verdict})\n"
+        f"{reasons}\nmodel URI: {result.model_uri}\nMLflow run: {result.run_id}", markup=False)
+
+
+@app.command("predict")
+@pipeline_errors
+def predict_command(
+    prompts: Annotated[list[str], typer.Argument(help="one or more prompts; each gets one completion")],
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="model URI, e.g. models:/NAME@champion or models:/NAME/3 "
+                              "(default: the config's model at its champion alias)")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="tokens to generate (default: as registered)")] = None,
+    base_model_path: Annotated[Path | None, typer.Option(
+        help="where the local base model lives now, if it moved since registration (its hash is checked)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print [{prompt, completion}] as JSON")] = False,
+) -> None:
+    """Print completions from a registered adapter (its base model is loaded from the recorded reference)."""
+    from tasks.register import load_registered_model
+
+    loaded = load_registered_model(load(config, set_), model, base_model_path)
+    params = {"max_new_tokens": max_new_tokens} if max_new_tokens else None
+    completions = loaded.predict(list(prompts), params=params)
+    if as_json:
+        print(json.dumps([{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)],
+                         indent=2, ensure_ascii=False))
+        return
+    for prompt, completion in zip(prompts, completions, strict=True):
+        console.print(f"> {prompt}", style="dim", markup=False)
+        print(completion)
+
+
+@app.command("run")
+@pipeline_errors
+def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Run the whole flow (validate -> check GPU -> train -> evaluate -> register) as a Prefect flow run."""
+    from configs.schema import DEFAULT_CONFIG
+    from flows.finetune import finetune_flow
+
+    outcome = finetune_flow(config_path=str(config or DEFAULT_CONFIG), overrides=list(set_ or []))
+    metric = outcome.primary_metric
+    console.print(
+        f"\n[bold green]registered[/] {outcome.registered_model} version {outcome.version} "
+        f"(aliases: {', '.join(outcome.aliases) or 'none'}; {'promoted' if outcome.promoted else 'not promoted'})\n"
+        f"{metric}: base {outcome.metrics['base'][metric]:.1f} -> adapter {outcome.metrics['adapter'][metric]:.1f} "
+        f"({outcome.gain_over_base(metric):+.1f}); rougeL {outcome.gain_over_base('rougeL'):+.1f}\n"
+        f"adapter: {outcome.adapter_dir}\nMLflow run: {outcome.run_id}\n\n"
+        "Look at it:\n"
+        "  make ui       # Prefect UI http://127.0.0.1:4200 + MLflow UI http://127.0.0.1:5000 (Ctrl-C stops)\n"
+        f"  qlora predict --model models:/{outcome.registered_model}/{outcome.version} "
+        "$'Rewrite this in Zorbish.\\n\\nred cat runs'"
+    )
+
+
+@app.command("serve")
+@pipeline_errors
+def serve_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    cron: Annotated[str, typer.Option(help="schedule, cron syntax (UTC)")] = "0 2 * * *",
+    name: Annotated[str, typer.Option(help="deployment name")] = "finetune-nightly",
+) -> None:
+    """Serve the flow on a schedule from this process (no work pool needed); Ctrl-C stops it."""
+    from configs.schema import DEFAULT_CONFIG
+    from flows.finetune import finetune_flow
+
+    load(config, set_)  # fail now on a bad config, not at 2 am
+    finetune_flow.serve(name=name, cron=cron,
+                        parameters={"config_path": str(config or DEFAULT_CONFIG), "overrides": list(set_ or [])})
 
 
 def main() -> None:
