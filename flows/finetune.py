@@ -1,0 +1,213 @@
+"""The nightly fine-tuning flow: validate -> check GPU -> train -> evaluate -> register.
+
+The flow only wires stages. Each task is a thin wrapper over a plain function in `tasks/`, adding
+what Prefect is for: retries where a retry can help, a deliberate cache policy, and artifacts that
+tell the run's story in the Prefect UI. Choices, stage by stage:
+
+- validate: the suite run is cached on the content hash of the data files and the settings the checks depend on,
+  so an unchanged dataset is not re-validated every night; never retried (bad data stays bad).
+- check GPU: never cached (free memory changes), never retried.
+- train: retried once; `tasks.train.train` resumes from the last checkpoint in the output dir, so a
+  retry continues where the crash left off instead of starting again. Config errors are not retried.
+- evaluate: not cached, retried once (a transient OOM or I/O error may pass).
+- register: retried on connection errors to the tracking server, with backoff; a version is created
+  only after all checks and the aliases move last, so a retry never finds a half-registered model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from configs.schema import ConfigError, PipelineConfig, load_config
+from tasks.data import DataError, is_local_path, load_splits
+from tasks.evaluate import EvalReport, evaluate_adapter
+from tasks.gpu import TrainingPlan, check_gpu
+from tasks.register import RegistrationResult, champion_adapter_for, register_adapter
+from tasks.tracking import (
+    MlflowTrainingCallback,
+    end_pipeline_run,
+    log_evaluation,
+    log_plan,
+    log_training,
+    log_validation,
+    resolve_tracking_uri,
+    start_pipeline_run,
+)
+from tasks.train import TrainResult, train
+from tasks.validate import ValidationResult, require_valid, validate_data
+
+FLOW_NAME = "qlora-finetune"
+
+
+def _not_a_config_problem(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry condition: a config, data or plan error fails the same way every time."""
+    try:
+        state.result()
+    except (ConfigError, DataError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _tracking_unreachable(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry registration only when the tracking server could not be reached."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        state.result()
+    except (ConfigError, DataError):
+        return False
+    except (ConnectionError, TimeoutError, OSError, MlflowException):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """Same data bytes + same checks + same tokenizer = same verdict; hub datasets are never cached."""
+    config: PipelineConfig = parameters["config"]
+    paths = [p for p in (config.data.path, config.data.eval_path) if p]
+    if not all(is_local_path(p) and Path(p).is_file() for p in paths):
+        return None
+    parts = [_file_digest(p) for p in paths]
+    parts.append(config.data.model_dump_json())
+    parts.append(config.model.model_dump_json())
+    return "validate-" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+@task(name="data-contract", cache_key_fn=validation_cache_key, cache_expiration=timedelta(days=30), retries=0)
+def data_contract_task(config: PipelineConfig) -> ValidationResult:
+    """The Great Expectations run itself: the part worth caching."""
+    return validate_data(config)
+
+
+@task(name="validate-data", cache_policy=NO_CACHE, retries=0)
+def validate_data_task(config: PipelineConfig, run_id: str) -> ValidationResult:
+    result = data_contract_task(config)
+    create_markdown_artifact(markdown=result.markdown(), key="validation-summary",
+                             description="Great Expectations data contract")
+    log_validation(run_id, result.to_dict(), result.markdown(), tracking_uri=resolve_tracking_uri(config))
+    return require_valid(result)
+
+
+@task(name="check-gpu", cache_policy=NO_CACHE, retries=0)
+def check_gpu_task(config: PipelineConfig, run_id: str) -> TrainingPlan:
+    report, plan = check_gpu(config)
+    create_markdown_artifact(markdown=f"## Hardware\n{report.markdown()}\n\n## Training plan\n{plan.markdown()}",
+                             key="gpu-plan", description="GPU capability check and training plan")
+    log_plan(run_id, report.to_dict(), plan.to_dict(), tracking_uri=resolve_tracking_uri(config))
+    get_run_logger().info("plan: %s", plan.summary())
+    return plan
+
+
+@task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=_not_a_config_problem)
+def train_task(config: PipelineConfig, plan: TrainingPlan, run_id: str) -> TrainResult:
+    uri = resolve_tracking_uri(config)
+    callback = MlflowTrainingCallback(run_id, uri)
+    result = train(config, plan, load_splits(config.data), callbacks=[callback])
+    log_training(run_id, result.summary.__dict__, callback.history, tracking_uri=uri)
+    return result
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_not_a_config_problem)
+def evaluate_task(config: PipelineConfig, plan: TrainingPlan, trained: TrainResult, run_id: str) -> EvalReport:
+    champion = champion_adapter_for(config)
+    report = evaluate_adapter(config, plan, load_splits(config.data), trained.adapter_dir, champion_adapter=champion)
+    report.save(Path(config.training.output_dir) / "evaluation")
+    create_markdown_artifact(markdown=report.markdown(), key="evaluation-report",
+                             description="BLEU/ROUGE of the adapter against base (and champion)")
+    samples = report.to_dict()["samples"]
+    if samples:
+        create_table_artifact(table=samples, key="sample-predictions", description="prompt, reference, outputs")
+    log_evaluation(run_id, report.to_dict(), tracking_uri=resolve_tracking_uri(config))
+    return report
+
+
+@task(name="register", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 30, 120],
+      retry_condition_fn=_tracking_unreachable)
+def register_task(config: PipelineConfig, trained: TrainResult, report: EvalReport,
+                  validation: ValidationResult, plan: TrainingPlan, run_id: str) -> RegistrationResult:
+    result = register_adapter(config, trained.adapter_dir, report.to_dict(), validation=validation.to_dict(),
+                              plan=plan.to_dict(), run_id=run_id)
+    create_markdown_artifact(markdown=registration_markdown(result, config), key="registration",
+                             description="MLflow model registry outcome")
+    return result
+
+
+def registration_markdown(result: RegistrationResult, config: PipelineConfig) -> str:
+    uri = resolve_tracking_uri(config)
+    link = f"{uri.rstrip('/')}/#/models/{result.name}/versions/{result.version}" if uri.startswith("http") else uri
+    verdict = "promoted to **champion**" if result.promoted else "kept as **challenger** (not promoted)"
+    reasons = "\n".join(f"- {r}" for r in result.decision.get("reasons", []))
+    return (
+        f"## Registered `{result.name}` version {result.version}\n\n{verdict}; aliases: "
+        f"{', '.join(result.aliases) or 'none'}\n\n{reasons}\n\n- MLflow run: `{result.run_id}`\n"
+        f"- model URI: `{result.model_uri}`\n- registry: {link}"
+    )
+
+
+def _mark_failed(run_id: str, config: PipelineConfig) -> None:
+    try:
+        end_pipeline_run(run_id, "FAILED", tracking_uri=resolve_tracking_uri(config))
+    except Exception as exc:  # the original failure is the one worth reporting
+        get_run_logger().warning("could not mark MLflow run %s FAILED: %s", run_id, exc)
+
+
+@dataclass
+class PipelineOutcome:
+    run_id: str
+    registered_model: str
+    version: str
+    aliases: list[str]
+    promoted: bool
+    primary_metric: str
+    metrics: dict[str, dict[str, float]]
+    adapter_dir: str
+
+    def gain_over_base(self, metric: str) -> float:
+        return self.metrics["adapter"][metric] - self.metrics["base"][metric]
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def finetune_flow(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> PipelineOutcome:
+    """Fine-tune an adapter with QLoRA and deliver it into the MLflow model registry."""
+    config = load_config(config_path, overrides or [])
+    run_id = start_pipeline_run(config)
+    try:
+        validation = validate_data_task(config, run_id)
+        plan = check_gpu_task(config, run_id)
+        trained = train_task(config, plan, run_id)
+        report = evaluate_task(config, plan, trained, run_id)
+        registration = register_task(config, trained, report, validation, plan, run_id)
+    except BaseException:
+        _mark_failed(run_id, config)  # the MLflow UI must not show a crashed night as still RUNNING
+        raise
+    return PipelineOutcome(
+        run_id=run_id,
+        registered_model=registration.name,
+        version=str(registration.version),
+        aliases=list(registration.aliases),
+        promoted=registration.promoted,
+        primary_metric=config.registry.primary_metric,
+        metrics={name: dict(values) for name, values in report.to_dict()["systems"].items()},
+        adapter_dir=str(trained.adapter_dir),
+    )

@@ -1,0 +1,126 @@
+"""The Prefect flow end to end on the demo, under a real (temporary) Prefect server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import TrainerCallback
+
+from tests.conftest import DEMO_CONFIG, REPO_ROOT, SHORT_TRAINING
+
+ARTIFACT_KEYS = {"validation-summary", "gpu-plan", "evaluation-report", "registration", "sample-predictions"}
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def flow_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        f"data.path={demo_assets.data_path.resolve()}",
+        f"model.name_or_path={demo_assets.model_dir.resolve()}",
+        f"training.output_dir={tmp_path / 'out'}",
+        f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *SHORT_TRAINING,
+        *extra,
+    ]
+
+
+async def artifact_keys(flow_run_id) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key for a in artifacts if a.key}
+
+
+class CrashOnceAfterCheckpoint(TrainerCallback):
+    """Kills the first training attempt right after its first checkpoint is on disk."""
+
+    crashed_at: int | None = None
+
+    def on_save(self, args, state, control, **kwargs):
+        if CrashOnceAfterCheckpoint.crashed_at is None:
+            CrashOnceAfterCheckpoint.crashed_at = state.global_step
+            raise RuntimeError(f"simulated worker crash at step {state.global_step}")
+
+
+def test_flow_completes_resumes_after_a_crash_and_registers(prefect_server, demo_assets, tmp_path, monkeypatch):
+    import mlflow
+
+    import flows.finetune as finetune
+    from flows.finetune import finetune_flow
+
+    real_train = finetune.train
+
+    def train_with_crash(config, plan, splits, callbacks=None, **kwargs):
+        return real_train(config, plan, splits, callbacks=[*(callbacks or []), CrashOnceAfterCheckpoint()], **kwargs)
+
+    monkeypatch.setattr(finetune, "train", train_with_crash)
+    state = finetune_flow(config_path=str(DEMO_CONFIG), overrides=flow_overrides(demo_assets, tmp_path),
+                          return_state=True)
+    assert state.is_completed(), state.message
+    outcome = state.result()
+
+    # the first attempt died after checkpoint 80; the retry resumed there instead of from zero
+    assert CrashOnceAfterCheckpoint.crashed_at == 80
+    summary = yaml.safe_load((Path(outcome.adapter_dir) / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] == 80 and summary["global_step"] == 160
+
+    # a registered version with its metrics and lineage
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    version = client.get_model_version(outcome.registered_model, outcome.version)
+    assert version.run_id == outcome.run_id
+    tags = version.tags
+    for key in ("base_model", "dataset_fingerprint", "validation_success", "gpu_plan", "git_commit", "config_hash"):
+        assert any(key in t for t in tags), (key, sorted(tags))
+    assert outcome.metrics["adapter"]["bleu"] > outcome.metrics["base"]["bleu"]
+    run = client.get_run(outcome.run_id)
+    assert "train_loss" in run.data.metrics or "loss" in run.data.metrics
+
+    assert asyncio.run(artifact_keys(state.state_details.flow_run_id)) >= ARTIFACT_KEYS
+
+
+def test_bad_data_fails_the_flow_before_training_and_registers_nothing(prefect_server, demo_assets, tmp_path):
+    import mlflow
+
+    from flows.finetune import finetune_flow
+
+    bad = tmp_path / "bad.jsonl"
+    lines = demo_assets.data_path.read_text().splitlines()
+    bad.write_text("\n".join(lines[:1500] + ['{"instruction": "Rewrite this in Zorbish.", "output": ""}', "{broken"]))
+    state = finetune_flow(config_path=str(DEMO_CONFIG),
+                          overrides=[*flow_overrides(demo_assets, tmp_path), f"data.path={bad}"], return_state=True)
+    assert state.is_failed()
+    assert "validation" in state.message.lower()
+    assert not (tmp_path / "out").exists(), "training started on bad data"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_model_versions("name='demo-qlora-adapter'") == []
+    (run,) = client.search_runs([client.get_experiment_by_name("qlora-demo").experiment_id])
+    assert run.info.status == "FAILED", "a failed night must not stay RUNNING in the MLflow UI"
+    assert run.data.tags["validation_success"] == "false"
+
+
+def test_prefect_yaml_deployment_is_valid() -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    (deployment,) = spec["deployments"]
+    loaded = load_flow_from_entrypoint(str(REPO_ROOT / deployment["entrypoint"]))
+    assert loaded.name == "qlora-finetune"
+    assert set(deployment["parameters"]) <= set(loaded.parameters.properties)
+    assert (REPO_ROOT / deployment["parameters"]["config_path"]).exists()
+    for schedule in deployment["schedules"]:
+        CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
+    assert deployment["work_pool"]["name"] == "qlora-pool"
