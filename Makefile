@@ -54,6 +54,11 @@ mlflow-ui: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
+# The server stack without Docker: PostgreSQL on 127.0.0.1:5432 (QLORA_STACK_POSTGRES_URL), MLflow with
+# basic auth and a Prefect server on it, the demo flow run against both. Also part of `make test`.
+stack-test: $(STAMP)
+	$(BIN)/python -m pytest tests/test_stack.py
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
