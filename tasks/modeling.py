@@ -96,6 +96,60 @@ def load_base_model(config: PipelineConfig, plan: TrainingPlan) -> Any:
     return model
 
 
+PACKED_SDPA = "packed_sdpa"
+
+
+def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """Attention per packed sequence, for machines without a varlen (flash-attention) kernel.
+
+    DataCollatorWithFlattening puts a whole batch into one row. Without a varlen kernel, transformers
+    builds a (tokens x tokens) block-diagonal mask for that row and SDPA computes every score in it, so
+    attention costs (sum of lengths)^2 instead of sum(length^2): packing then ran 0.67x the speed of
+    padding (bench/RESULTS.md, section 2). This runs causal SDPA on each sequence (found where
+    position_ids restart at 0) and concatenates: the same result, at sum(length^2). Anything that is
+    not a packed row (padded batches, generation with a KV cache) goes to plain SDPA.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    positions = kwargs.get("position_ids")
+    starts = [] if positions is None or query.shape[0] != 1 else (positions[0] == 0).nonzero().flatten().tolist()
+    if len(starts) < 2 or starts[0] != 0 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bounds = [*starts, query.shape[2]]
+    pieces = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
+            dropout_p=dropout if module.training else 0.0)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_packed_sdpa() -> str:
+    """Make `packed_sdpa` an attention implementation transformers knows (its masks built as for SDPA)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+    return PACKED_SDPA
+
+
+def packing_attention(plan: TrainingPlan) -> str:
+    """The attention for padding-free batches: flash-attention's varlen kernel where it is installed
+    on CUDA, else per-sequence SDPA. Both keep packed examples from attending to each other."""
+    import importlib.util
+
+    if plan.device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return register_packed_sdpa()
+
+
 def linear_module_names(model: Any) -> list[str]:
     """Leaf names of the linear layers LoRA can target (4-bit layers included, lm_head excluded)."""
     import torch

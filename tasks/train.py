@@ -22,7 +22,14 @@ import yaml
 from configs.schema import PipelineConfig
 from tasks.data import DatasetSplits, tokenize_example
 from tasks.gpu import TrainingPlan
-from tasks.modeling import check_target_modules, load_base_model, load_tokenizer, quiet_libraries, release_memory
+from tasks.modeling import (
+    check_target_modules,
+    load_base_model,
+    load_tokenizer,
+    packing_attention,
+    quiet_libraries,
+    release_memory,
+)
 
 ADAPTER_DIRNAME = "adapter"
 CHECKPOINT_DIRNAME = "checkpoints"
@@ -70,16 +77,35 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
     return found
 
 
+def prepare_for_kbit_training(model: Any, plan: TrainingPlan) -> Any:
+    """peft's k-bit preparation (frozen base, fp32 norms, input grads for checkpointing), minus one cost.
+
+    `prepare_model_for_kbit_training` upcasts every parameter that is not 4-bit to fp32, which doubles
+    the embeddings and lm_head: for a 1B Llama that is 263M parameters at 1.05 GB instead of 0.53 GB,
+    more than all its NF4 linears together (bench/RESULTS.md, section 3). They are frozen, so their
+    dtype only costs memory; they go back to the dtype they were loaded in. Norms stay fp32, which is
+    what the upcast is for.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    loaded = {name: param.dtype for name, param in model.named_parameters()}
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    for name, param in model.named_parameters():
+        if "norm" not in name and param.dtype != loaded[name]:
+            param.data = param.data.to(loaded[name])
+    return model
+
+
 def build_lora_model(model: Any, config: PipelineConfig, plan: TrainingPlan) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     check_target_modules(config, model)
     if plan.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=plan.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        model = prepare_for_kbit_training(model, plan)
     lora = LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
@@ -200,7 +226,10 @@ def train(
     started = time.perf_counter()
     torch.manual_seed(config.training.seed)
     tokenizer = load_tokenizer(config)
-    model = build_lora_model(load_base_model(config, plan), config, plan)
+    base = load_base_model(config, plan)
+    if config.training.packing:
+        base.set_attn_implementation(packing_attention(plan))
+    model = build_lora_model(base, config, plan)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     output_dir = Path(config.training.output_dir)

@@ -24,6 +24,8 @@ def test_lora_targets_are_real_4bit_layers(trained) -> None:
         assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
         assert layer.base_layer.weight.quant_state.nested  # double quantization of the absmax constants
     assert result.summary.plan["optim"] == "paged_adamw_8bit"
+    # packing on (the default) and no flash-attn on a CPU: attention runs per packed sequence
+    assert result.model.config._attn_implementation == "packed_sdpa"
 
 
 def test_short_training_lowers_eval_loss_clearly(trained) -> None:
@@ -79,3 +81,49 @@ def test_interrupted_training_resumes_from_its_checkpoint(make_config, tmp_path)
     assert state["global_step"] == 6
     # the loss history of steps 1-3 came back with the checkpoint; steps 4-6 were trained after it
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]
+
+
+def test_packed_rows_attend_only_within_their_own_example(make_config) -> None:
+    """Per-sequence attention over a flattened batch gives each example the logits it has alone."""
+    from transformers import DataCollatorWithFlattening
+
+    from tasks.modeling import load_base_model, load_tokenizer, packing_attention
+
+    config = make_config()
+    _, plan = check_gpu(config)
+    tokenizer = load_tokenizer(config)
+    texts = ["red cat runs", "the small dog eats green apples slowly today", "blue"]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    model = load_base_model(config, plan).eval()
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([row])).logits[0] for row in ids]
+        model.set_attn_implementation(packing_attention(plan))
+        packed = DataCollatorWithFlattening()([{"input_ids": row} for row in ids])
+        flat = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+    assert flat.shape[0] == sum(len(row) for row in ids)
+    start = 0
+    for row, expected in zip(ids, alone, strict=True):
+        torch.testing.assert_close(flat[start:start + len(row)], expected, rtol=1e-4, atol=1e-4)
+        start += len(row)
+
+
+def test_kbit_preparation_keeps_embeddings_in_the_compute_dtype(make_config) -> None:
+    """Frozen embeddings/lm_head stay bf16 under a bf16 plan (peft would upcast them to fp32); norms are fp32."""
+    from dataclasses import replace
+
+    from tasks.modeling import load_base_model
+    from tasks.train import build_lora_model
+
+    config = make_config()
+    _, plan = check_gpu(config)
+    plan = replace(plan, compute_dtype="bfloat16")
+    model = build_lora_model(load_base_model(config, plan), config, plan)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert any("embed_tokens" in n for n in dtypes)
+    for name, dtype in dtypes.items():
+        if "embed_tokens" in name or "lm_head" in name:
+            assert dtype == torch.bfloat16, name
+        elif "norm" in name:
+            assert dtype == torch.float32, name
+        elif "lora_" in name:
+            assert dtype == torch.float32, name  # trainable weights in full precision for the optimizer
