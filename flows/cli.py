@@ -20,6 +20,11 @@ from rich.markup import escape
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a Prefect server, `qlora run` starts a temporary one. Its first start creates the database
+# (~/.prefect/prefect.db) and takes longer than Prefect's 20 s default on a small machine; a timeout
+# there would fail the flow before it began. No telemetry leaves a machine that may have no network.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(help="QLoRA fine-tuning pipeline: validate -> check GPU -> train -> evaluate -> register.",
                   no_args_is_help=True, add_completion=False)

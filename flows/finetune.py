@@ -187,7 +187,10 @@ class PipelineOutcome:
         return self.metrics["adapter"][metric] - self.metrics["base"][metric]
 
 
-@flow(name=FLOW_NAME, log_prints=True)
+# log_prints stays off: the stages log through `logging`. With it on, Prefect's patched print() also
+# catches what libraries print into a swapped sys.stdout, e.g. the bytecode dill disassembles while
+# `datasets` fingerprints a table, and pours it into the run log.
+@flow(name=FLOW_NAME, log_prints=False)
 def finetune_flow(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> PipelineOutcome:
     """Fine-tune an adapter with QLoRA and deliver it into the MLflow model registry."""
     config = load_config(config_path, overrides or [])

@@ -8,7 +8,9 @@ good one.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import resource
 import shutil
@@ -36,6 +38,9 @@ CHECKPOINT_DIRNAME = "checkpoints"
 SUMMARY_FILE = "train_summary.json"
 CONFIG_FILE = "pipeline_config.yaml"
 INITIAL_EVAL_FILE = "initial_eval.json"
+RUN_FILE = "training_run.json"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,6 +103,58 @@ def prepare_for_kbit_training(model: Any, plan: TrainingPlan) -> Any:
         if "norm" not in name and param.dtype != loaded[name]:
             param.data = param.data.to(loaded[name])
     return model
+
+
+# Settings that change how often things are written, not what is trained: a checkpoint stays valid
+# when only these differ.
+_BOOKKEEPING_KEYS = {"output_dir", "resume", "save_steps", "save_total_limit", "logging_steps", "eval_steps"}
+
+
+def training_setup_hash(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits) -> str:
+    """What a checkpoint's weights and optimizer state depend on: model, quantization, LoRA, data
+    settings and content, training hyper-parameters and the plan's batch and dtype."""
+    training = {k: v for k, v in config.training.model_dump(mode="json").items() if k not in _BOOKKEEPING_KEYS}
+    setup = {
+        "model": config.model.model_dump(mode="json"),
+        "quantization": config.quantization.model_dump(mode="json"),
+        "lora": config.lora.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json"),
+        "data_fingerprint": splits.fingerprint,
+        "training": training,
+        "plan": [plan.per_device_batch_size, plan.gradient_accumulation_steps, plan.compute_dtype, plan.load_in_4bit],
+    }
+    return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_to_resume(checkpoint_dir: Path, setup_hash: str, resume: bool) -> str | None:
+    """The checkpoint this run continues from, after clearing what it must not continue.
+
+    Only an unfinished run of the same setup is resumed: a Prefect retry after a crash, or a rerun by
+    hand. A finished run's checkpoints are cleared (its adapter is in `adapter/`), so tomorrow's
+    scheduled run trains again instead of "resuming" at the last step. Checkpoints of a different
+    setup (other data, model or hyper-parameters) are moved aside, not deleted, and a fresh run starts.
+    """
+    if not checkpoint_dir.exists():
+        return None
+    if not resume:
+        shutil.rmtree(checkpoint_dir)
+        return None
+    marker = checkpoint_dir / RUN_FILE
+    recorded = json.loads(marker.read_text()) if marker.is_file() else {}
+    if recorded.get("completed"):
+        shutil.rmtree(checkpoint_dir)
+        return None
+    if recorded.get("setup_hash") != setup_hash and any(checkpoint_dir.glob("checkpoint-*")):
+        stale = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{time.strftime('%Y%m%dT%H%M%S')}")
+        checkpoint_dir.rename(stale)
+        logger.warning("checkpoints in %s come from another training setup (data, model or hyper-parameters "
+                       "changed): moved to %s, starting from step 0", checkpoint_dir, stale)
+        return None
+    return last_checkpoint(checkpoint_dir)
+
+
+def mark_run(checkpoint_dir: Path, setup_hash: str, completed: bool) -> None:
+    (checkpoint_dir / RUN_FILE).write_text(json.dumps({"setup_hash": setup_hash, "completed": completed}))
 
 
 def build_lora_model(model: Any, config: PipelineConfig, plan: TrainingPlan) -> Any:
@@ -234,10 +291,10 @@ def train(
 
     output_dir = Path(config.training.output_dir)
     checkpoint_dir = output_dir / CHECKPOINT_DIRNAME
-    resume_from = last_checkpoint(checkpoint_dir) if config.training.resume else None
-    if not config.training.resume and checkpoint_dir.exists():
-        shutil.rmtree(checkpoint_dir)
+    setup_hash = training_setup_hash(config, plan, splits)
+    resume_from = checkpoint_to_resume(checkpoint_dir, setup_hash, config.training.resume)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    mark_run(checkpoint_dir, setup_hash, completed=False)
 
     max_len = config.data.max_seq_length
     train_data = tokenized_dataset(tokenizer, splits.train, max_len)
@@ -277,6 +334,7 @@ def train(
     )
     adapter_dir = adapter_dir_for(config)
     write_adapter(model, tokenizer, config, summary, adapter_dir)
+    mark_run(checkpoint_dir, setup_hash, completed=True)
     result = TrainResult(adapter_dir=adapter_dir, summary=summary, model=model if keep_model else None)
     del trainer, model
     release_memory()

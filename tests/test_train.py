@@ -127,3 +127,23 @@ def test_kbit_preparation_keeps_embeddings_in_the_compute_dtype(make_config) -> 
             assert dtype == torch.float32, name
         elif "lora_" in name:
             assert dtype == torch.float32, name  # trainable weights in full precision for the optimizer
+
+
+def test_a_finished_run_is_not_resumed_and_another_setup_does_not_reuse_checkpoints(make_config, tmp_path) -> None:
+    """Nightly runs share an output dir: tomorrow must train again, and never continue other data's weights."""
+    config = make_config("training.max_steps=4", "training.save_steps=2", output_dir=tmp_path / "run")
+    splits = load_splits(config.data)
+    splits.eval = splits.eval[:8]
+    _, plan = check_gpu(config)
+    train(config, plan, splits)
+    again = train(config, plan, splits)
+    assert again.summary.resumed_from_step == 0 and again.summary.global_step == 4
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, plan, splits, callbacks=[StopAfterFirstCheckpoint()])
+    changed = make_config("training.max_steps=4", "training.save_steps=2", "training.learning_rate=1e-3",
+                          output_dir=tmp_path / "run")
+    fresh = train(changed, plan, splits)
+    assert fresh.summary.resumed_from_step == 0
+    (stale,) = (tmp_path / "run").glob(f"{CHECKPOINT_DIRNAME}.stale-*")
+    assert (stale / "checkpoint-2" / "trainer_state.json").is_file(), "the other setup's checkpoint was kept"
