@@ -220,7 +220,9 @@ def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Run the whole flow (validate -> check GPU -> train -> evaluate -> register) as a Prefect flow run."""
     from configs.schema import DEFAULT_CONFIG
     from flows.finetune import finetune_flow
+    from tasks.data import check_data_files
 
+    check_data_files(load(config, set_).data)  # fail in a second, not after a Prefect server has started
     outcome = finetune_flow(config_path=str(config or DEFAULT_CONFIG), overrides=list(set_ or []))
     metric = outcome.primary_metric
     console.print(
@@ -247,8 +249,9 @@ def serve_command(
     """Serve the flow on a schedule from this process (no work pool needed); Ctrl-C stops it."""
     from configs.schema import DEFAULT_CONFIG
     from flows.finetune import finetune_flow
+    from tasks.data import check_data_files
 
-    load(config, set_)  # fail now on a bad config, not at 2 am
+    check_data_files(load(config, set_).data)  # fail now on a bad config, not at 2 am
     finetune_flow.serve(name=name, cron=cron,
                         parameters={"config_path": str(config or DEFAULT_CONFIG), "overrides": list(set_ or [])})
 

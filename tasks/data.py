@@ -63,6 +63,13 @@ def is_local_path(path: str) -> bool:
     return Path(path).exists() or Path(path).suffix in LOCAL_SUFFIXES
 
 
+def check_data_files(config: DataConfig) -> None:
+    """Fail now on a data file that is not there, before a flow run or a schedule starts."""
+    for key, path in (("data.path", config.path), ("data.eval_path", config.eval_path)):
+        if path and is_local_path(path) and not Path(path).is_file():
+            raise ConfigError(f"{key}: file {path} does not exist; point it at a .jsonl/.csv/.parquet file")
+
+
 def read_rows(path: str, hub_split: str = "train") -> list[dict[str, Any]]:
     """Rows of a local file or hub dataset as plain dicts, read with `datasets`."""
     import datasets

@@ -112,3 +112,19 @@ def test_every_command_has_help() -> None:
         result = runner.invoke(app, [name, "--help"])
         assert result.exit_code == 0, name
         assert "Usage" in result.output
+
+
+@pytest.mark.parametrize(("command", "override"), [("run", "data.path=/nonexistent/train.jsonl"),
+                                                     ("serve", "data.eval_path=/nonexistent/eval.jsonl"),
+                                                     ("run", "lora.dropout=1.5")])
+def test_flow_commands_refuse_a_bad_config_before_any_flow_run(make_config, tmp_path, command: str,
+                                                               override: str) -> None:
+    """`qlora run`/`serve` check the config and data files first: no Prefect server, no schedule."""
+    base = make_config()
+    out = tmp_path / "untouched"
+    result = CliRunner().invoke(app, [command, "--set", f"data.path={base.data.path}",
+                                      "--set", f"model.name_or_path={base.model.name_or_path}",
+                                      "--set", f"training.output_dir={out}", "--set", override])
+    assert result.exit_code == 2, result.output
+    assert override.split("=")[0] in result.output
+    assert "Starting temporary server" not in result.output and not out.exists()
