@@ -42,10 +42,11 @@ def pipeline_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from configs.schema import ConfigError
         from tasks.data import DataError
+        from tasks.tracking import TrackingServerUnreachable
 
         try:
             return func(*args, **kwargs)
-        except (ConfigError, DataError) as exc:
+        except (ConfigError, DataError, TrackingServerUnreachable) as exc:
             console.print("[bold red]error:[/]", escape(str(exc)))
             raise typer.Exit(2) from None
 
@@ -221,8 +222,11 @@ def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     from configs.schema import DEFAULT_CONFIG
     from flows.finetune import finetune_flow
     from tasks.data import check_data_files
+    from tasks.tracking import check_tracking_server, resolve_tracking_uri
 
-    check_data_files(load(config, set_).data)  # fail in a second, not after a Prefect server has started
+    cfg = load(config, set_)
+    check_data_files(cfg.data)  # fail in seconds, not after a Prefect server has started
+    check_tracking_server(resolve_tracking_uri(cfg))
     outcome = finetune_flow(config_path=str(config or DEFAULT_CONFIG), overrides=list(set_ or []))
     metric = outcome.primary_metric
     console.print(

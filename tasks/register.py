@@ -37,6 +37,7 @@ import yaml
 
 from configs.schema import REPO_ROOT, ConfigError, PipelineConfig, RegistryConfig
 from tasks.tracking import (
+    TrackingServerUnreachable,
     apply_http_settings,
     client_for,
     end_pipeline_run,
@@ -64,10 +65,6 @@ class AdapterFilesMissing(ConfigError):
 
 class ModelNotLoadable(ConfigError):
     """A model URI that does not resolve to a loadable registered model (wrong name, version or alias)."""
-
-
-class TrackingServerUnreachable(ConnectionError):
-    """The MLflow tracking/registry server could not be reached; nothing was registered (retryable)."""
 
 
 @dataclass
