@@ -141,12 +141,15 @@ def register_packed_sdpa() -> str:
 
 
 def packing_attention(plan: TrainingPlan) -> str:
-    """The attention for padding-free batches: flash-attention's varlen kernel where it is installed
-    on CUDA, else per-sequence SDPA. Both keep packed examples from attending to each other."""
-    import importlib.util
+    """The attention for padding-free batches: flash-attention's varlen kernel where it can run (it
+    imports, an sm80+ GPU, fp16/bf16 compute), else per-sequence SDPA. Both keep packed examples from
+    attending to each other."""
+    if plan.device == "cuda" and plan.compute_dtype in ("bfloat16", "float16"):
+        import torch
+        from transformers.utils import is_flash_attn_2_available
 
-    if plan.device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+        if torch.cuda.get_device_capability() >= (8, 0) and is_flash_attn_2_available():
+            return "flash_attention_2"
     return register_packed_sdpa()
 
 

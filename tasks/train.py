@@ -93,15 +93,15 @@ def prepare_for_kbit_training(model: Any, plan: TrainingPlan) -> Any:
     """
     from peft import prepare_model_for_kbit_training
 
-    loaded = {name: param.dtype for name, param in model.named_parameters()}
+    embeddings = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    loaded = [weight.dtype for weight in embeddings]
     model = prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=plan.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    for name, param in model.named_parameters():
-        if "norm" not in name and param.dtype != loaded[name]:
-            param.data = param.data.to(loaded[name])
+    for weight, dtype in zip(embeddings, loaded, strict=True):  # a tied lm_head is the same tensor: no-op
+        weight.data = weight.data.to(dtype)
     return model
 
 
