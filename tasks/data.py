@@ -7,6 +7,7 @@ conversation up to the answer (`prompt_messages`) and the answer itself (`respon
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -94,6 +95,23 @@ def _local_read_options(file: Path, builder: str) -> dict[str, Any]:
     return {}
 
 
+def read_failure_hint(path: str, error: BaseException) -> str:
+    """Why `datasets` may refuse a valid JSON Lines file, and the fix; empty when that is not the case.
+
+    datasets 5.2 parses every line with ujson to handle a field whose JSON type varies (an id that
+    is sometimes a number, sometimes a string), and a blank line (even a trailing one) makes that
+    parse fail with "Expected object or value". Measured; pyarrow alone skips blank lines.
+    """
+    file = Path(path)
+    if "Expected object or value" not in str(error) or LOCAL_SUFFIXES.get(file.suffix) != "json" \
+            or not file.is_file():
+        return ""
+    raw = file.read_bytes().removeprefix(codecs.BOM_UTF8)
+    if raw.lstrip()[:1] == b"[" or all(line.strip() for line in raw.splitlines()):  # datasets reads an array whole
+        return ""
+    return " `datasets` cannot read JSON Lines with blank lines if a field's JSON type varies: delete the blank lines."
+
+
 def read_rows(path: str, hub_split: str = "train") -> list[dict[str, Any]]:
     """Rows of a local file or hub dataset as plain dicts, read with `datasets`, values as the file holds them."""
     import datasets
@@ -111,7 +129,7 @@ def read_rows(path: str, hub_split: str = "train") -> list[dict[str, Any]]:
             dataset = datasets.load_dataset(builder, data_files=str(file), split="train", **options)
         except Exception as exc:  # datasets wraps parser errors in several exception types
             raise DataError(
-                f"could not read {path}: {exc.__class__.__name__}: {exc}. "
+                f"could not read {path}: {exc.__class__.__name__}: {exc}.{read_failure_hint(path, exc)} "
                 "Run `qlora validate` for the line numbers of broken rows."
             ) from exc
     else:

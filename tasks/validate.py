@@ -16,6 +16,7 @@ is written when `data.validation.data_docs_dir` is set.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from tasks.data import (
     in_eval_split,
     is_local_path,
     json_type,
+    read_failure_hint,
     read_rows,
     render_prompt,
     text_type_problems,
@@ -147,8 +149,13 @@ def _is_json_file(path: str) -> bool:
 
 
 def _parse_json_lines(path: str) -> list[_Record]:
-    """Line by line, so a broken line is reported with its 1-based number instead of aborting."""
-    raw = Path(path).read_bytes()
+    """Line by line, so a broken line is reported with its 1-based number instead of aborting.
+
+    Read as `datasets` reads it: a leading UTF-8 BOM (Windows tools write one) is dropped, CRLF line
+    ends and blank lines are fine (bytes.splitlines splits only on LF, CR and CRLF, so a U+2028
+    inside a string stays text).
+    """
+    raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     if raw.lstrip()[:1] == b"[":  # a .json file holding one array of rows
         try:
             values = json.loads(raw.decode("utf-8"))
@@ -193,7 +200,9 @@ def _read_records(path: str, hub_split: str) -> list[_Record]:
         rows = read_rows(path, hub_split)
     except DataError as exc:
         cause = exc.__cause__ or exc
-        reason = f"`datasets` cannot read the file: {type(cause).__name__}: {cause}"
+        hint = read_failure_hint(path, cause).strip()  # first: the report cuts a long reason short
+        reason = f"{hint} ({type(cause).__name__}: {cause})" if hint else \
+            f"`datasets` cannot read the file: {type(cause).__name__}: {cause}"
         return [*(records or []), _Record(path, None, error=reason)]
     if records is None:
         return [_Record(path, None, data=row) for row in rows]
