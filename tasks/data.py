@@ -7,6 +7,7 @@ conversation up to the answer (`prompt_messages`) and the answer itself (`respon
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -70,8 +71,49 @@ def check_data_files(config: DataConfig) -> None:
             raise ConfigError(f"{key}: file {path} does not exist; point it at a .jsonl/.csv/.parquet file")
 
 
+def _local_read_options(file: Path, builder: str) -> dict[str, Any]:
+    """`load_dataset` options that keep every value exactly as the file holds it.
+
+    JSON: `datasets` fixes column types from the first `chunksize` bytes (10 MB). A later value of
+    another type is then cast, or the rest of the column is re-encoded as JSON text (measured with
+    datasets 5.2: a string column becomes `'"text"'` with quotes, a number `7` becomes `'7'`), so a
+    wrong type would be trained silently. One chunk for the whole file lets `datasets` see every
+    value and keep mixed columns as its `Json` type, the real values.
+
+    CSV: a cell is text; pandas would guess types (`4` becomes 4.0, `1.50` becomes 1.5) and read
+    `None`/`NA` as missing. Every column is read as a string, and only an empty cell is missing.
+    """
+    if builder == "json":
+        return {"chunksize": max(file.stat().st_size + 1, 10 << 20)}
+    if builder == "csv":
+        import datasets
+        import pandas as pd
+
+        columns = pd.read_csv(file, nrows=0).columns  # the header, parsed as `datasets` will parse it
+        return {"features": datasets.Features({str(name): datasets.Value("string") for name in columns}),
+                "keep_default_na": False, "na_values": [""]}
+    return {}
+
+
+def read_failure_hint(path: str, error: BaseException) -> str:
+    """Why `datasets` may refuse a valid JSON Lines file, and the fix; empty when that is not the case.
+
+    datasets 5.2 parses every line with ujson to handle a field whose JSON type varies (an id that
+    is sometimes a number, sometimes a string), and a blank line (even a trailing one) makes that
+    parse fail with "Expected object or value". Measured; pyarrow alone skips blank lines.
+    """
+    file = Path(path)
+    if "Expected object or value" not in str(error) or LOCAL_SUFFIXES.get(file.suffix) != "json" \
+            or not file.is_file():
+        return ""
+    raw = file.read_bytes().removeprefix(codecs.BOM_UTF8)
+    if raw.lstrip()[:1] == b"[" or all(line.strip() for line in raw.splitlines()):  # datasets reads an array whole
+        return ""
+    return " `datasets` cannot read JSON Lines with blank lines if a field's JSON type varies: delete the blank lines."
+
+
 def read_rows(path: str, hub_split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local file or hub dataset as plain dicts, read with `datasets`."""
+    """Rows of a local file or hub dataset as plain dicts, read with `datasets`, values as the file holds them."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -83,10 +125,11 @@ def read_rows(path: str, hub_split: str = "train") -> list[dict[str, Any]]:
         if builder is None:
             raise ConfigError(f"data.path: unsupported file type '{file.suffix}'; use one of {sorted(LOCAL_SUFFIXES)}")
         try:
-            dataset = datasets.load_dataset(builder, data_files=str(file), split="train")
+            options = _local_read_options(file, builder)
+            dataset = datasets.load_dataset(builder, data_files=str(file), split="train", **options)
         except Exception as exc:  # datasets wraps parser errors in several exception types
             raise DataError(
-                f"could not read {path}: {exc.__class__.__name__}: {exc}. "
+                f"could not read {path}: {exc.__class__.__name__}: {exc}.{read_failure_hint(path, exc)} "
                 "Run `qlora validate` for the line numbers of broken rows."
             ) from exc
     else:
@@ -122,13 +165,111 @@ def detect_format(rows: list[dict[str, Any]], declared: str = "auto") -> str:
     return next(iter(seen))
 
 
+def json_type(value: Any) -> str:
+    """A value's type in JSON's words ("a JSON number"), for messages about the data file."""
+    if value is None:
+        return "a JSON null"
+    if isinstance(value, bool):
+        return "a JSON boolean"
+    if isinstance(value, (int, float)):
+        return "a JSON number"
+    if isinstance(value, str):
+        return "a JSON string"
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, (list, tuple)):
+        return "a JSON array"
+    return f"a {type(value).__name__}"
+
+
+@dataclass(frozen=True)
+class TypeProblem:
+    """A text field holding something other than text: `field` is a path such as `messages[2].content`."""
+
+    field: str
+    found: str
+    expected: str
+
+    def __str__(self) -> str:
+        return f"field '{self.field}' is {self.found}, expected {self.expected}"
+
+
+MESSAGE_LIST = "a string or an array of {role, content} objects"
+
+
+def _message_problems(messages: Any, name: str) -> list[TypeProblem]:
+    """Every message must be an object whose role and content are strings."""
+    problems = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            problems.append(TypeProblem(f"{name}[{i}]", json_type(message), "an object with role and content"))
+            continue
+        for key in ("role", "content"):
+            if key not in message:
+                problems.append(TypeProblem(f"{name}[{i}].{key}", "missing", "a string"))
+            elif not isinstance(message[key], str):
+                problems.append(TypeProblem(f"{name}[{i}].{key}", json_type(message[key]), "a string"))
+    return problems
+
+
+def text_type_problems(row: dict[str, Any], fmt: str, null_is_missing: bool = True) -> list[TypeProblem]:
+    """Text fields of `row` (for format `fmt`) that hold something other than a string.
+
+    Text is never coerced: `str(42)` or `str(["a"])` would train the model on a Python repr. An
+    absent top-level field is not a type problem (a missing field is reported as such). Rows read
+    by `datasets` fill absent keys with None, so there None counts as absent; rows parsed straight
+    from the JSON text pass `null_is_missing=False`, and an explicit `null` in a required field is
+    then reported as a JSON null. Metadata fields outside the format are not checked.
+    """
+    def required(key: str, expected: str = "a string", lists: bool = False) -> list[TypeProblem]:
+        if key not in row or (row[key] is None and null_is_missing):
+            return []
+        value = row[key]
+        if isinstance(value, str):
+            return []
+        if lists and isinstance(value, list):
+            return _message_problems(value, key)
+        return [TypeProblem(key, json_type(value), expected)]
+
+    if fmt == "alpaca":
+        extra = row.get("input")
+        optional = [] if extra is None or isinstance(extra, str) else [
+            TypeProblem("input", json_type(extra), "a string or null")]
+        return [*required("instruction"), *optional, *required("output")]
+    if fmt == "prompt_completion":
+        conversational = isinstance(row.get("prompt"), list)  # TRL style: message lists
+        completion_expected = MESSAGE_LIST if conversational else "a string (as the prompt is one)"
+        return [*required("prompt", MESSAGE_LIST, lists=True),
+                *required("completion", completion_expected, lists=conversational)]
+    if fmt == "chat":
+        messages = row.get("messages")
+        if isinstance(messages, list):
+            return _message_problems(messages, "messages")
+        if messages is None and ("messages" not in row or null_is_missing):
+            return []
+        return [TypeProblem("messages", json_type(messages), "an array of {role, content} objects")]
+    return []
+
+
 def to_example(row: dict[str, Any], fmt: str, index: int, source: str) -> Example:
-    """Canonical form of one row. Raises DataError for a row that lacks what its format needs."""
+    """Canonical form of one row. Raises DataError for a row that lacks what its format needs.
+
+    A text field that is not a string (a number, a list...) is refused, never turned into its
+    `str()` form: the model would learn the Python repr.
+    """
+    problems = text_type_problems(row, fmt)
+    if problems:
+        listed = "; ".join(str(problem) for problem in problems)
+        raise DataError(
+            f"{source} row {index}: {listed}. Write text fields as JSON strings (quote numbers, join lists); "
+            "`qlora validate` lists every such row with its line number"
+        )
+
     def text(key: str) -> str:
         value = row.get(key)
-        if value is None or not str(value).strip():
-            raise DataError(f"{source} row {index}: field '{key}' is missing or empty")
-        return str(value)
+        if value is None or not value.strip():
+            raise DataError(f"{source} row {index}: field '{key}' is missing, null or empty")
+        return value
 
     if fmt == "alpaca":
         prompt = text("instruction")
@@ -141,18 +282,18 @@ def to_example(row: dict[str, Any], fmt: str, index: int, source: str) -> Exampl
             messages = tuple({"role": m["role"], "content": m["content"]} for m in prompt_value)
             completion = row.get("completion")
             response = completion[-1]["content"] if isinstance(completion, list) and completion else completion
-            if not response:
-                raise DataError(f"{source} row {index}: field 'completion' is missing or empty")
-            return Example(messages, str(response), index, source)
+            if not response or not response.strip():
+                raise DataError(f"{source} row {index}: field 'completion' is missing, null or empty")
+            return Example(messages, response, index, source)
         return Example(({"role": "user", "content": text("prompt")},), text("completion"), index, source)
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{source} row {index}: field 'messages' must be a non-empty list")
     last = messages[-1]
-    if not isinstance(last, dict) or last.get("role") != "assistant" or not str(last.get("content") or "").strip():
+    if last["role"] != "assistant" or not last["content"].strip():
         raise DataError(f"{source} row {index}: the conversation must end with a non-empty assistant turn")
-    prompt_messages = tuple({"role": str(m.get("role")), "content": str(m.get("content") or "")} for m in messages[:-1])
-    return Example(prompt_messages, str(last["content"]), index, source)
+    prompt_messages = tuple({"role": m["role"], "content": m["content"]} for m in messages[:-1])
+    return Example(prompt_messages, last["content"], index, source)
 
 
 def in_eval_split(example: Example, eval_fraction: float) -> bool:

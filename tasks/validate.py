@@ -16,6 +16,7 @@ is written when `data.validation.data_docs_dir` is set.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -34,13 +35,17 @@ from tasks.data import (
     VALID_ROLES,
     DataError,
     Example,
+    TypeProblem,
     detect_format,
     detect_row_format,
     fingerprint,
     in_eval_split,
     is_local_path,
+    json_type,
+    read_failure_hint,
     read_rows,
     render_prompt,
+    text_type_problems,
     to_example,
     tokenize_example,
 )
@@ -125,12 +130,18 @@ def require_valid(result: ValidationResult) -> ValidationResult:
 
 @dataclass
 class _Record:
-    """One row of a data file as read, before any check: the parsed dict or why it did not parse."""
+    """One row of a data file as read, before any check: the parsed dict or why it did not parse.
+
+    `data` is the row as training gets it from `datasets`; `raw` is the same row parsed straight from
+    the JSON text (JSON files only), which still tells an explicit `null` from an absent key and
+    keeps every value's JSON type even where `datasets` cannot read the file.
+    """
 
     source: str
     line: int | None
     data: dict[str, Any] | None = None
     error: str | None = None
+    raw: dict[str, Any] | None = None
 
 
 def _is_json_file(path: str) -> bool:
@@ -138,16 +149,21 @@ def _is_json_file(path: str) -> bool:
 
 
 def _parse_json_lines(path: str) -> list[_Record]:
-    """Line by line, so a broken line is reported with its 1-based number instead of aborting."""
-    raw = Path(path).read_bytes()
+    """Line by line, so a broken line is reported with its 1-based number instead of aborting.
+
+    Read as `datasets` reads it: a leading UTF-8 BOM (Windows tools write one) is dropped, CRLF line
+    ends and blank lines are fine (bytes.splitlines splits only on LF, CR and CRLF, so a U+2028
+    inside a string stays text).
+    """
+    raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     if raw.lstrip()[:1] == b"[":  # a .json file holding one array of rows
         try:
             values = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return [_Record(path, getattr(exc, "lineno", None), error=f"invalid JSON: {exc}")]
         return [
-            _Record(path, None, data=v) if isinstance(v, dict)
-            else _Record(path, None, error=f"element {i} is {type(v).__name__}, not a JSON object")
+            _Record(path, None, data=v, raw=v) if isinstance(v, dict)
+            else _Record(path, None, error=f"element {i} is {json_type(v)}, not a JSON object")
             for i, v in enumerate(values)
         ]
     records = []
@@ -160,9 +176,9 @@ def _parse_json_lines(path: str) -> list[_Record]:
             records.append(_Record(path, number, error=f"invalid JSON: {exc}"))
             continue
         if isinstance(value, dict):
-            records.append(_Record(path, number, data=value))
+            records.append(_Record(path, number, data=value, raw=value))
         else:
-            records.append(_Record(path, number, error=f"a JSON {type(value).__name__}, not an object"))
+            records.append(_Record(path, number, error=f"{json_type(value)}, not a JSON object"))
     return records
 
 
@@ -184,7 +200,9 @@ def _read_records(path: str, hub_split: str) -> list[_Record]:
         rows = read_rows(path, hub_split)
     except DataError as exc:
         cause = exc.__cause__ or exc
-        reason = f"`datasets` cannot read the file: {type(cause).__name__}: {cause}"
+        hint = read_failure_hint(path, cause).strip()  # first: the report cuts a long reason short
+        reason = f"{hint} ({type(cause).__name__}: {cause})" if hint else \
+            f"`datasets` cannot read the file: {type(cause).__name__}: {cause}"
         return [*(records or []), _Record(path, None, error=reason)]
     if records is None:
         return [_Record(path, None, data=row) for row in rows]
@@ -219,10 +237,7 @@ def _text(value: Any) -> str | None:
 def _conversation(messages: list[Any]) -> dict[str, Any]:
     """Role checks of a message list; alternation and ending only apply when the roles are valid."""
     roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in messages]
-    roles_ok = all(
-        isinstance(m, dict) and m.get("role") in VALID_ROLES and isinstance(m.get("content"), (str, type(None)))
-        for m in messages
-    )
+    roles_ok = all(isinstance(m, dict) and m.get("role") in VALID_ROLES for m in messages)
     out: dict[str, Any] = {"roles": " > ".join(str(r) for r in roles), "roles_ok": roles_ok,
                            "alternates": None, "ends_assistant": None}
     if roles_ok:
@@ -234,16 +249,38 @@ def _conversation(messages: list[Any]) -> dict[str, Any]:
     return out
 
 
-def _row_checks(data: dict[str, Any], fmt: str | None) -> dict[str, Any]:
-    """Field, emptiness and role columns of one parsed row for the file's format."""
-    out: dict[str, Any] = {"fields_ok": True, "missing": "", "prompt_text": None, "response_text": None,
-                           "roles": "", "roles_ok": None, "alternates": None, "ends_assistant": None}
+def _type_problems(record: _Record, fmt: str | None) -> list[TypeProblem]:
+    """Text fields that are not strings, judged on the JSON text itself where there is one.
+
+    The parsed JSON (`raw`) keeps each value's type even where `datasets` could not read the file,
+    and tells `"output": null` (a wrong type) from an absent key (a missing field).
+    """
+    if fmt is None or record.data is None:
+        return []
+    if record.raw is not None:
+        return text_type_problems(record.raw, fmt, null_is_missing=False)
+    return text_type_problems(record.data, fmt)
+
+
+def _row_checks(data: dict[str, Any], fmt: str | None, problems: list[TypeProblem]) -> dict[str, Any]:
+    """Field, type, emptiness and role columns of one parsed row for the file's format.
+
+    A row whose text fields have the wrong type is reported by the type check alone: its text and
+    roles are not derived, so one wrong value does not also fail the emptiness or chat checks.
+    """
+    out: dict[str, Any] = {"fields_ok": True, "missing": "", "types_ok": None, "type_error": "",
+                           "prompt_text": None, "response_text": None, "roles": "", "roles_ok": None,
+                           "alternates": None, "ends_assistant": None}
     if fmt is None:
         needs = ", ".join(f"{'+'.join(keys)} ({name})" for name, keys in FORMAT_FIELDS.items())
         return {**out, "fields_ok": False, "missing": f"no known format; rows need {needs}"}
-    missing = [key for key in FORMAT_FIELDS[fmt] if data.get(key) is None]
+    mistyped = {problem.field.split("[")[0].split(".")[0] for problem in problems}
+    missing = [key for key in FORMAT_FIELDS[fmt] if data.get(key) is None and key not in mistyped]
     if missing:
         out.update(fields_ok=False, missing=f"missing {', '.join(missing)} ({fmt})")
+    out.update(types_ok=not problems, type_error="; ".join(str(problem) for problem in problems))
+    if problems:
+        return out
     if fmt == "alpaca":
         if data.get("instruction") is not None:
             extra = data.get("input")
@@ -275,6 +312,7 @@ def _row_checks(data: dict[str, Any], fmt: str | None) -> dict[str, Any]:
 def _flagged(checks: dict[str, Any]) -> bool:
     return (
         checks["fields_ok"] is False
+        or checks["types_ok"] is False
         or False in (checks["roles_ok"], checks["ends_assistant"])
         or "" in (checks["prompt_text"], checks["response_text"])
     )
@@ -328,7 +366,7 @@ def _build_table(config: PipelineConfig, files: dict[str, list[_Record]], tokeni
                 continue
             row.update(row=index, format=_row_format(record.data, file_format))
             index += 1
-            checks = _row_checks(record.data, file_format)
+            checks = _row_checks(record.data, file_format, _type_problems(record, file_format))
             row.update(checks)
             try:
                 example = to_example(record.data, file_format, row["row"], record.source) if file_format else None
@@ -353,9 +391,9 @@ def _build_table(config: PipelineConfig, files: dict[str, list[_Record]], tokeni
         row["leaked"] = (key in train_keys) if row["split"] == "eval" else None
 
     columns = ["rid", "source", "file", "line", "row", "split", "parse_ok", "parse_error", "format", "fields_ok",
-               "missing", "prompt_text", "response_text", "roles", "roles_ok", "alternates", "ends_assistant",
-               "template_ok", "template_error", "token_length", "loss_share", "prompt_key", "train_prompt_key",
-               "leaked"]
+               "missing", "types_ok", "type_error", "prompt_text", "response_text", "roles", "roles_ok", "alternates",
+               "ends_assistant", "template_ok", "template_error", "token_length", "loss_share", "prompt_key",
+               "train_prompt_key", "leaked"]
     frame = pd.DataFrame.from_records(rows, columns=columns)
     for column in ("token_length", "loss_share"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
@@ -413,6 +451,9 @@ def _checks(config: PipelineConfig, file_format: str | None) -> list[_Check]:
         _Check("format_consistent", f"every row in format `{fmt}` ({how}); no mixed formats",
                in_set("format", [fmt]), "format"),
         _Check("required_fields", f"fields {fields} present", in_set("fields_ok", [True]), "missing"),
+        _Check("text_fields_are_strings",
+               "every text field is a JSON string (prompt/completion may be {role, content} message lists)",
+               in_set("types_ok", [True]), "types"),
         _Check("no_empty_prompt", "prompt not empty",
                gxe.ExpectColumnValueLengthsToBeBetween(column="prompt_text", min_value=1), "empty_prompt"),
         _Check("no_empty_response", "response not empty",
@@ -494,6 +535,8 @@ def _detail(kind: str | None, row: Any) -> str:
         return f"looks like {row['format']}"
     if kind == "missing":
         return _snippet(row["missing"])
+    if kind == "types":
+        return _snippet(row["type_error"], 2 * SNIPPET)
     if kind in ("empty_prompt", "empty_response"):
         return f"{kind.removeprefix('empty_')} is empty"
     if kind == "roles":

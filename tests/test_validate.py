@@ -64,7 +64,7 @@ def test_demo_dataset_passes_and_fingerprints_what_training_sees(make_config) ->
     assert result.format == "alpaca"
     assert require_valid(result) is result
     payload = json.loads(json.dumps(result.to_dict()))
-    assert payload["success"] is True and len(payload["expectations"]) == 15
+    assert payload["success"] is True and len(payload["expectations"]) == 16
     entry = result.expectation("length_within_max_seq_length")
     assert entry["expectation_type"] == "expect_column_values_to_be_between"
     assert "| `no_eval_leakage` | pass |" in result.markdown()
@@ -102,6 +102,101 @@ def test_empty_prompt_and_response_fail_and_the_gate_names_them(check) -> None:
     message = str(caught.value)
     assert "no_empty_response" in message.splitlines()[0] and "no_empty_prompt" in message.splitlines()[0]
     assert "| `no_empty_response` | **FAIL** |" in message
+
+
+def user(content) -> dict:
+    return {"role": "user", "content": content}
+
+
+def assistant(content) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+def prompt_completion(row: dict) -> dict:
+    return {"prompt": f"{row['instruction']}\n\n{row['input']}", "completion": row["output"]}
+
+
+def conversational(row: dict) -> dict:
+    """TRL's conversational prompt/completion: both are message lists."""
+    return {"prompt": [user(f"{row['instruction']}\n\n{row['input']}")], "completion": [assistant(row["output"])]}
+
+
+ROW = TRAIN[6]  # becomes line 7 of the train file, with one field of the wrong JSON type
+PROMPT = f"{ROW['instruction']}\n\n{ROW['input']}"
+WRONG_TYPES = {
+    # id: (how every good row is written, the bad line 7, what the report must say about it)
+    "alpaca-output-number": (dict, {**ROW, "output": 42}, "field 'output' is a JSON number, expected a string"),
+    "alpaca-output-float": (dict, {**ROW, "output": 4.5}, "field 'output' is a JSON number, expected a string"),
+    "alpaca-output-bool": (dict, {**ROW, "output": True}, "field 'output' is a JSON boolean, expected a string"),
+    "alpaca-output-null": (dict, {**ROW, "output": None}, "field 'output' is a JSON null, expected a string"),
+    "alpaca-output-object": (dict, {**ROW, "output": {"text": ROW["output"]}},
+                             "field 'output' is a JSON object, expected a string"),
+    "alpaca-output-list": (dict, {**ROW, "output": ROW["output"].split()},
+                           "field 'output' is a JSON array, expected a string"),
+    "alpaca-instruction-list": (dict, {**ROW, "instruction": [ROW["instruction"]]},
+                                "field 'instruction' is a JSON array, expected a string"),
+    "alpaca-input-number": (dict, {**ROW, "input": 7}, "field 'input' is a JSON number, expected a string or null"),
+    "chat-content-number": (chat, {"messages": [user(PROMPT), assistant(42)]},
+                            "field 'messages[1].content' is a JSON number, expected a string"),
+    "chat-content-null": (chat, {"messages": [user(None), assistant(ROW["output"])]},
+                          "field 'messages[0].content' is a JSON null, expected a string"),
+    "chat-content-parts": (chat, {"messages": [user([{"type": "text", "text": PROMPT}]), assistant(ROW["output"])]},
+                           "field 'messages[0].content' is a JSON array, expected a string"),
+    "chat-message-string": (chat, {"messages": [user(PROMPT), ROW["output"]]},
+                            "field 'messages[1]' is a JSON string, expected an object with role and content"),
+    "chat-messages-string": (chat, {"messages": PROMPT},
+                             "field 'messages' is a JSON string, expected an array of {role, content} objects"),
+    "prompt-completion-number": (prompt_completion, {"prompt": PROMPT, "completion": 42},
+                                 "field 'completion' is a JSON number, expected a string (as the prompt is one)"),
+    "prompt-completion-prompt-object": (prompt_completion, {"prompt": {"text": PROMPT}, "completion": ROW["output"]},
+                                        "field 'prompt' is a JSON object, expected a string or an array of"),
+    "prompt-completion-list-after-text-prompt": (
+        prompt_completion, {"prompt": PROMPT, "completion": [assistant(ROW["output"])]},
+        "field 'completion' is a JSON array, expected a string (as the prompt is one)"),
+    "conversational-content-number": (conversational, {"prompt": [user(PROMPT)], "completion": [assistant(42)]},
+                                      "field 'completion[0].content' is a JSON number, expected a string"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_TYPES, ids=str)
+def test_wrong_json_type_fails_the_contract_and_training_refuses_it(case, make_config, tmp_path) -> None:
+    write_row, bad, expected = WRONG_TYPES[case]
+    train = write_jsonl(tmp_path / "train.jsonl", [*map(write_row, TRAIN[:6]), bad, *map(write_row, TRAIN[7:])])
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", [write_row(row) for row in EVAL])
+    config = make_config(*SMALL, f"data.path={train}", f"data.eval_path={eval_path}")
+
+    result = validate_data(config)
+    assert failed(result) == {"text_fields_are_strings"}, result.markdown()  # only the type check, nothing else
+    entry = result.expectation("text_fields_are_strings")
+    assert entry["unexpected_count"] == 1 and example_lines(result, "text_fields_are_strings") == [7]
+    assert expected in entry["examples"][0]["detail"]
+    assert f"line 7: {expected}" in result.markdown()
+    assert result.fingerprint == UNREADABLE  # training cannot load it either
+
+    with pytest.raises(DataError) as refused:  # training's loader refuses the row instead of training str(value)
+        load_splits(config.data)
+    message = str(refused.value)
+    assert f"{train} row 6:" in message  # 0-based row 6 is line 7
+    if bad.get("output", "") is not None:  # `datasets` turns a null into None: training says "missing, null"
+        assert expected in message
+    else:
+        assert "field 'output' is missing, null or empty" in message
+
+
+def test_several_wrong_types_are_each_named_with_their_line(check) -> None:
+    rows = [*TRAIN[:2], {**TRAIN[2], "output": 3}, *TRAIN[3:8], {**TRAIN[8], "input": ["a", "b"]}, *TRAIN[9:]]
+    result = check(rows)
+    assert failed(result) == {"text_fields_are_strings"}
+    details = [f"line {e['line']}: {e['detail']}" for e in result.expectation("text_fields_are_strings")["examples"]]
+    assert details == ["line 3: field 'output' is a JSON number, expected a string",
+                       "line 9: field 'input' is a JSON array, expected a string or null"]
+
+
+def test_an_absent_field_is_missing_not_a_type_problem(check) -> None:
+    absent = {key: value for key, value in TRAIN[4].items() if key != "output"}
+    result = check([*TRAIN[:4], absent, *TRAIN[5:]])
+    assert failed(result) == {"required_fields"}
+    assert result.expectation("text_fields_are_strings")["unexpected_count"] == 0
 
 
 def test_chat_role_problems_fail_their_own_expectations(check) -> None:
