@@ -71,73 +71,129 @@ def check_data_files(config: DataConfig) -> None:
             raise ConfigError(f"{key}: file {path} does not exist; point it at a .jsonl/.csv/.parquet file")
 
 
-def _local_read_options(file: Path, builder: str) -> dict[str, Any]:
-    """`load_dataset` options that keep every value exactly as the file holds it.
+def is_json_file(path: str) -> bool:
+    """A local .json/.jsonl file: read with `read_json_records`, never with `datasets`."""
+    return is_local_path(path) and LOCAL_SUFFIXES.get(Path(path).suffix) == "json"
 
-    JSON: `datasets` fixes column types from the first `chunksize` bytes (10 MB). A later value of
-    another type is then cast, or the rest of the column is re-encoded as JSON text (measured with
-    datasets 5.2: a string column becomes `'"text"'` with quotes, a number `7` becomes `'7'`), so a
-    wrong type would be trained silently. One chunk for the whole file lets `datasets` see every
-    value and keep mixed columns as its `Json` type, the real values.
 
-    CSV: a cell is text; pandas would guess types (`4` becomes 4.0, `1.50` becomes 1.5) and read
+@dataclass(frozen=True)
+class JsonRecord:
+    """One row of a local JSON file as parsed: the object, or why it is not one.
+
+    `line` is the 1-based line in the file (JSON Lines; None for an element of a JSON array). `row`
+    holds every value with its JSON type, and a key the line does not have is absent (not None).
+    """
+
+    line: int | None
+    row: dict[str, Any] | None
+    error: str | None = None
+
+
+def _json_error(error: ValueError) -> str:
+    """Why a line is not JSON, with the fix for a file in another encoding."""
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text ({error}); save the file as UTF-8"
+    return f"invalid JSON: {error}"
+
+
+def read_json_records(path: str | Path) -> list[JsonRecord]:
+    """Rows of a local .jsonl file (one object per line) or .json file (one array of objects).
+
+    The stdlib `json` module, not `datasets`: it keeps every value's JSON type exactly, whatever
+    precedes it (`datasets` fixes column types from the first 10 MB chunk and re-encoded or cast later
+    values of another type), and reads every valid file (datasets 5.2 failed on blank lines once a
+    field's type varied, measured). Line by line, so a broken line is named by its number and does
+    not hide the others. A leading UTF-8 BOM (Windows tools write one) is dropped; CRLF line ends and
+    blank lines are fine (bytes.splitlines splits only on LF, CR and CRLF, so a U+2028 inside a
+    string stays text).
+    """
+    raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    if raw.lstrip()[:1] == b"[":  # a .json file holding one array of rows
+        try:
+            values = json.loads(raw.decode("utf-8"))
+        except ValueError as exc:
+            return [JsonRecord(getattr(exc, "lineno", None), None, _json_error(exc))]
+        return [JsonRecord(None, value) if isinstance(value, dict)
+                else JsonRecord(None, None, f"element {i} is {json_type(value)}, not a JSON object")
+                for i, value in enumerate(values)]
+    records = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line.decode("utf-8"))
+        except ValueError as exc:
+            records.append(JsonRecord(number, None, _json_error(exc)))
+            continue
+        if isinstance(value, dict):
+            records.append(JsonRecord(number, value))
+        else:
+            records.append(JsonRecord(number, None, f"{json_type(value)}, not a JSON object"))
+    return records
+
+
+def _read_json_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a local JSON file; DataError naming the first broken lines when any line is not a row."""
+    records = read_json_records(path)
+    broken = [record for record in records if record.error]
+    if broken:
+        listed = "; ".join(f"line {r.line}: {r.error}" if r.line else r.error for r in broken[:3])
+        more = f" (and {len(broken) - 3} more)" if len(broken) > 3 else ""
+        raise DataError(f"could not read {path}: {listed}{more}. Write one JSON object a line "
+                        "(or one array of objects); `qlora validate` lists every broken line")
+    return [record.row for record in records]
+
+
+def _csv_read_options(file: Path) -> dict[str, Any]:
+    """`load_dataset` options that keep every CSV cell exactly as the file holds it.
+
+    A cell is text; pandas would guess types (`4` becomes 4.0, `1.50` becomes 1.5) and read
     `None`/`NA` as missing. Every column is read as a string, and only an empty cell is missing.
     """
-    if builder == "json":
-        return {"chunksize": max(file.stat().st_size + 1, 10 << 20)}
-    if builder == "csv":
-        import datasets
-        import pandas as pd
+    import datasets
+    import pandas as pd
 
-        columns = pd.read_csv(file, nrows=0).columns  # the header, parsed as `datasets` will parse it
-        return {"features": datasets.Features({str(name): datasets.Value("string") for name in columns}),
-                "keep_default_na": False, "na_values": [""]}
-    return {}
+    columns = pd.read_csv(file, nrows=0).columns  # the header, parsed as `datasets` will parse it
+    return {"features": datasets.Features({str(name): datasets.Value("string") for name in columns}),
+            "keep_default_na": False, "na_values": [""]}
 
 
-def read_failure_hint(path: str, error: BaseException) -> str:
-    """Why `datasets` may refuse a valid JSON Lines file, and the fix; empty when that is not the case.
-
-    datasets 5.2 parses every line with ujson to handle a field whose JSON type varies (an id that
-    is sometimes a number, sometimes a string), and a blank line (even a trailing one) makes that
-    parse fail with "Expected object or value". Measured; pyarrow alone skips blank lines.
-    """
-    file = Path(path)
-    if "Expected object or value" not in str(error) or LOCAL_SUFFIXES.get(file.suffix) != "json" \
-            or not file.is_file():
-        return ""
-    raw = file.read_bytes().removeprefix(codecs.BOM_UTF8)
-    if raw.lstrip()[:1] == b"[" or all(line.strip() for line in raw.splitlines()):  # datasets reads an array whole
-        return ""
-    return " `datasets` cannot read JSON Lines with blank lines if a field's JSON type varies: delete the blank lines."
-
-
-def read_rows(path: str, hub_split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local file or hub dataset as plain dicts, read with `datasets`, values as the file holds them."""
+def _read_hub_rows(path: str, hub_split: str) -> list[dict[str, Any]]:
     import datasets
 
     datasets.disable_progress_bars()
-    if is_local_path(path):
-        file = Path(path)
-        if not file.exists():
-            raise ConfigError(f"data.path: file {path} does not exist; point it at a .jsonl/.csv/.parquet file")
-        builder = LOCAL_SUFFIXES.get(file.suffix)
-        if builder is None:
-            raise ConfigError(f"data.path: unsupported file type '{file.suffix}'; use one of {sorted(LOCAL_SUFFIXES)}")
-        try:
-            options = _local_read_options(file, builder)
-            dataset = datasets.load_dataset(builder, data_files=str(file), split="train", **options)
-        except Exception as exc:  # datasets wraps parser errors in several exception types
-            raise DataError(
-                f"could not read {path}: {exc.__class__.__name__}: {exc}.{read_failure_hint(path, exc)} "
-                "Run `qlora validate` for the line numbers of broken rows."
-            ) from exc
-    else:
-        try:
-            dataset = datasets.load_dataset(path, split=hub_split)
-        except Exception as exc:
-            raise ConfigError(f"data.path: '{path}' is neither a local file nor a loadable hub dataset: {exc}") from exc
+    try:
+        dataset = datasets.load_dataset(path, split=hub_split)
+    except Exception as exc:
+        raise ConfigError(f"data.path: '{path}' is neither a local file nor a loadable hub dataset: {exc}") from exc
     return dataset.to_list()
+
+
+def read_rows(path: str, hub_split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a local file or hub dataset as plain dicts, values as the file holds them.
+
+    JSON files are read by `read_json_records` (the data contract reads them with it too); CSV,
+    Parquet and hub datasets by `datasets`, which fills a key a row lacks with None. Training reads
+    an absent key and a None alike (`row.get`), so both shapes give the same examples.
+    """
+    if not is_local_path(path):
+        return _read_hub_rows(path, hub_split)
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"data.path: file {path} does not exist; point it at a .jsonl/.csv/.parquet file")
+    builder = LOCAL_SUFFIXES.get(file.suffix)
+    if builder is None:
+        raise ConfigError(f"data.path: unsupported file type '{file.suffix}'; use one of {sorted(LOCAL_SUFFIXES)}")
+    if builder == "json":
+        return _read_json_rows(path)
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        options = _csv_read_options(file) if builder == "csv" else {}
+        return datasets.load_dataset(builder, data_files=str(file), split="train", **options).to_list()
+    except Exception as exc:  # datasets wraps parser errors in several exception types
+        raise DataError(f"could not read {path}: {exc.__class__.__name__}: {exc}") from exc
 
 
 def detect_row_format(row: dict[str, Any]) -> str | None:
@@ -217,9 +273,10 @@ def text_type_problems(row: dict[str, Any], fmt: str, null_is_missing: bool = Tr
 
     Text is never coerced: `str(42)` or `str(["a"])` would train the model on a Python repr. An
     absent top-level field is not a type problem (a missing field is reported as such). Rows read
-    by `datasets` fill absent keys with None, so there None counts as absent; rows parsed straight
-    from the JSON text pass `null_is_missing=False`, and an explicit `null` in a required field is
-    then reported as a JSON null. Metadata fields outside the format are not checked.
+    by `datasets` fill absent keys with None, so by default None counts as absent (training then says
+    "missing, null or empty"); the contract passes `null_is_missing=False` for rows read from JSON
+    text, and an explicit `null` in a required field is then reported as a JSON null. Metadata
+    fields outside the format are not checked.
     """
     def required(key: str, expected: str = "a string", lists: bool = False) -> list[TypeProblem]:
         if key not in row or (row[key] is None and null_is_missing):

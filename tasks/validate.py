@@ -16,8 +16,6 @@ is written when `data.validation.data_docs_dir` is set.
 
 from __future__ import annotations
 
-import codecs
-import json
 import math
 import os
 import sys
@@ -40,9 +38,9 @@ from tasks.data import (
     detect_row_format,
     fingerprint,
     in_eval_split,
+    is_json_file,
     is_local_path,
-    json_type,
-    read_failure_hint,
+    read_json_records,
     read_rows,
     render_prompt,
     text_type_problems,
@@ -130,87 +128,39 @@ def require_valid(result: ValidationResult) -> ValidationResult:
 
 @dataclass
 class _Record:
-    """One row of a data file as read, before any check: the parsed dict or why it did not parse.
+    """One row of a data file as read, before any check: the row as training gets it, or why it did not parse.
 
-    `data` is the row as training gets it from `datasets`; `raw` is the same row parsed straight from
-    the JSON text (JSON files only), which still tells an explicit `null` from an absent key and
-    keeps every value's JSON type even where `datasets` cannot read the file.
+    `exact` marks a row read from JSON text (`tasks.data.read_json_records`, training's own reader of
+    JSON files): it tells an explicit `null` from an absent key. Rows that `datasets` reads (CSV,
+    Parquet, hub) have every absent key filled with None.
     """
 
     source: str
     line: int | None
     data: dict[str, Any] | None = None
     error: str | None = None
-    raw: dict[str, Any] | None = None
-
-
-def _is_json_file(path: str) -> bool:
-    return is_local_path(path) and Path(path).suffix in (".json", ".jsonl")
-
-
-def _parse_json_lines(path: str) -> list[_Record]:
-    """Line by line, so a broken line is reported with its 1-based number instead of aborting.
-
-    Read as `datasets` reads it: a leading UTF-8 BOM (Windows tools write one) is dropped, CRLF line
-    ends and blank lines are fine (bytes.splitlines splits only on LF, CR and CRLF, so a U+2028
-    inside a string stays text).
-    """
-    raw = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
-    if raw.lstrip()[:1] == b"[":  # a .json file holding one array of rows
-        try:
-            values = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return [_Record(path, getattr(exc, "lineno", None), error=f"invalid JSON: {exc}")]
-        return [
-            _Record(path, None, data=v, raw=v) if isinstance(v, dict)
-            else _Record(path, None, error=f"element {i} is {json_type(v)}, not a JSON object")
-            for i, v in enumerate(values)
-        ]
-    records = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue  # `datasets` skips blank lines too
-        try:
-            value = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            records.append(_Record(path, number, error=f"invalid JSON: {exc}"))
-            continue
-        if isinstance(value, dict):
-            records.append(_Record(path, number, data=value, raw=value))
-        else:
-            records.append(_Record(path, number, error=f"{json_type(value)}, not a JSON object"))
-    return records
+    exact: bool = False
 
 
 def _read_records(path: str, hub_split: str) -> list[_Record]:
-    """Rows as training reads them (`tasks.data.read_rows`); parse failures become records, not raises.
+    """Rows as training reads them (`tasks.data`); parse failures become records, not raises.
 
-    A missing file or an unknown hub id is a ConfigError and propagates: that is not a data problem.
+    JSON files are read record by record, so every broken line is reported with its number. A missing
+    file or an unknown hub id is a ConfigError and propagates: that is not a data problem.
     """
     if is_local_path(path) and not Path(path).exists():
         raise ConfigError(f"data file {path} does not exist; point data.path (or DATA_PATH) at a data file")
     if is_local_path(path) and Path(path).suffix not in LOCAL_SUFFIXES:
         raise ConfigError(f"unsupported data file type '{Path(path).suffix}'; use one of {sorted(LOCAL_SUFFIXES)}")
-    records = _parse_json_lines(path) if _is_json_file(path) else None
-    if records is not None and any(r.error for r in records):
-        return records  # training could not read this file at all; check the rest of it as JSON
-    if records == []:
-        return [_Record(path, None, error="the file holds no rows")]
+    if is_json_file(path):
+        records = [_Record(path, r.line, r.row, r.error, exact=True) for r in read_json_records(path)]
+        return records or [_Record(path, None, error="the file holds no rows")]
     try:
         rows = read_rows(path, hub_split)
     except DataError as exc:
         cause = exc.__cause__ or exc
-        hint = read_failure_hint(path, cause).strip()  # first: the report cuts a long reason short
-        reason = f"{hint} ({type(cause).__name__}: {cause})" if hint else \
-            f"`datasets` cannot read the file: {type(cause).__name__}: {cause}"
-        return [*(records or []), _Record(path, None, error=reason)]
-    if records is None:
-        return [_Record(path, None, data=row) for row in rows]
-    if len(rows) != len(records):
-        return [*records, _Record(path, None, error=f"`datasets` read {len(rows)} rows, the file has {len(records)}")]
-    for record, row in zip(records, rows, strict=True):
-        record.data = row  # what training sees (datasets fills absent keys with None)
-    return records
+        return [_Record(path, None, error=f"`datasets` cannot read the file: {type(cause).__name__}: {cause}")]
+    return [_Record(path, None, data=row) for row in rows]
 
 
 # --------------------------------------------------------------------------- derived columns
@@ -250,16 +200,11 @@ def _conversation(messages: list[Any]) -> dict[str, Any]:
 
 
 def _type_problems(record: _Record, fmt: str | None) -> list[TypeProblem]:
-    """Text fields that are not strings, judged on the JSON text itself where there is one.
-
-    The parsed JSON (`raw`) keeps each value's type even where `datasets` could not read the file,
-    and tells `"output": null` (a wrong type) from an absent key (a missing field).
-    """
+    """Text fields that are not strings; a row read from JSON text tells `"output": null` (a wrong
+    type) from an absent key (a missing field)."""
     if fmt is None or record.data is None:
         return []
-    if record.raw is not None:
-        return text_type_problems(record.raw, fmt, null_is_missing=False)
-    return text_type_problems(record.data, fmt)
+    return text_type_problems(record.data, fmt, null_is_missing=not record.exact)
 
 
 def _row_checks(data: dict[str, Any], fmt: str | None, problems: list[TypeProblem]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.data import DataError, DatasetSplits, load_splits
+from tasks.data import DataError, DatasetSplits, load_splits, read_rows
 from tasks.demo_assets import generate_rows
 from tasks.validate import validate_data
 
@@ -121,10 +121,9 @@ def test_valid_file_passes_the_contract_and_loads_like_plain_jsonl(case, make_co
     assert result.fingerprint == loaded.fingerprint == expected.fingerprint
 
 
-def test_wrong_type_in_a_file_datasets_cannot_read_is_still_named_with_its_line(make_config, tmp_path) -> None:
-    """datasets 5.2 cannot read JSON Lines with blank lines once a field mixes types (measured): the
-    contract still names the real line and type (blank lines and the BOM do not shift it), and
-    training refuses the file."""
+def test_wrong_type_in_a_file_with_blank_lines_and_a_bom_is_named_with_its_line(make_config, tmp_path) -> None:
+    """Blank lines and the BOM do not shift line numbers: the contract names the real line and type,
+    nothing else fails, and training refuses the same row."""
     rows = [*GOOD[:12]]
     rows[4] = {**rows[4], "output": 5}
     train = tmp_path / "train.jsonl"
@@ -134,41 +133,43 @@ def test_wrong_type_in_a_file_datasets_cannot_read_is_still_named_with_its_line(
     config = make_config(*SMALL, f"data.path={train}", f"data.eval_path={eval_path}")
 
     result = validate_data(config)
-    assert set(result.failed_names()) == {"rows_parse", "text_fields_are_strings"}
+    assert result.failed_names() == ["text_fields_are_strings"], result.markdown()
     (example,) = result.expectation("text_fields_are_strings")["examples"]
     assert (example["line"], example["row"]) == (9, 4)
     assert example["detail"] == "field 'output' is a JSON number, expected a string"
-    (unreadable,) = result.expectation("rows_parse")["examples"]
-    assert "delete the blank lines" in unreadable["detail"]
-    with pytest.raises(DataError, match="could not read"):
+    with pytest.raises(DataError, match="train.jsonl row 4: field 'output' is a JSON number"):
         load_splits(config.data)
 
 
-def test_blank_lines_with_a_mixed_type_metadata_field_get_a_message_naming_the_fix(make_config, tmp_path) -> None:
-    """A limit of datasets 5.2, not of the data: a metadata field whose type varies (ids 1 and "b-2")
-    plus one trailing blank line cannot be loaded. Both gates say so and name the fix; once
-    datasets reads such files, this test fails and the hint can go."""
+def test_blank_lines_with_a_mixed_type_metadata_field_pass_and_load_every_value_as_written(
+        make_config, tmp_path) -> None:
+    """A metadata field whose JSON type varies (ids 1 and "b-2") plus blank lines, even a trailing
+    one, is valid JSON Lines (datasets 5.2 could not read it, measured): the contract passes,
+    training loads the same examples as without the blank lines, and every id keeps its type."""
     rows = [{**row, "id": i if i % 2 else f"b-{i}"} for i, row in enumerate(GOOD[:12])]
     train = tmp_path / "train.jsonl"
-    train.write_bytes(jsonl(rows, tail="\n\n"))
+    train.write_bytes(jsonl(rows, "\n\n", tail="\n\n"))
     eval_path = tmp_path / "eval.jsonl"
     eval_path.write_bytes(plain_jsonl(GOOD[12:]))
     config = make_config(*SMALL, f"data.path={train}", f"data.eval_path={eval_path}")
-    with pytest.raises(DataError, match="delete the blank lines"):
-        load_splits(config.data)
-    result = validate_data(config)
-    assert result.failed_names() == ["rows_parse"]
-    assert "delete the blank lines" in result.markdown()
 
-    train.write_bytes(jsonl(rows))  # the same rows without the blank line load, ids and all
-    assert [e.response for e in load_splits(config.data).train] == [row["output"] for row in rows]
-    assert validate_data(config).success
+    result = validate_data(config)
+    assert result.success, result.markdown()
+    assert read_rows(str(train)) == rows  # 1 stays a number and "b-2" a string
+    loaded = load_splits(config.data)
+    assert [e.response for e in loaded.train] == [row["output"] for row in rows]
+
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes(plain_jsonl(rows))
+    expected = load_splits(config.data.model_copy(update={"path": str(plain)}))
+    assert content(loaded) == content(expected)
+    assert result.fingerprint == loaded.fingerprint == expected.fingerprint
 
 
 def test_a_wrong_type_after_the_first_10_mb_is_refused_not_cast(make_config, tmp_path, monkeypatch) -> None:
     """`datasets` fixes column types from its first 10 MB chunk. Loaded that way, a number further on
-    came back as the string '7' and every later string of the column as JSON text with its quotes;
-    training must see the real values and refuse the row."""
+    came back as the string '7' and every later string of the column as JSON text with its quotes
+    (measured with datasets 5.2); training must see the real values and refuse the row."""
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # keep 10 MB out of ~/.cache

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tasks.data import DataError, load_splits
+from tasks.data import DataError, load_splits, read_rows
 from tasks.demo_assets import generate_rows
 from tasks.validate import UNREADABLE, DataValidationError, ValidationResult, require_valid, validate_data
 from tests.conftest import DEMO_CONFIG
@@ -78,6 +78,8 @@ def test_broken_json_line_is_reported_with_its_line_number(check) -> None:
     assert "invalid JSON" in result.expectation("rows_parse")["examples"][0]["detail"]
     assert result.fingerprint == UNREADABLE  # training could not read this file
     assert "line 6" in result.markdown()
+    with pytest.raises(DataError, match="train.jsonl: line 6: invalid JSON"):  # training names the same line
+        read_rows(result.sources[0])
 
 
 def test_missing_fields_fail_required_fields(check) -> None:
@@ -177,7 +179,7 @@ def test_wrong_json_type_fails_the_contract_and_training_refuses_it(case, make_c
         load_splits(config.data)
     message = str(refused.value)
     assert f"{train} row 6:" in message  # 0-based row 6 is line 7
-    if bad.get("output", "") is not None:  # `datasets` turns a null into None: training says "missing, null"
+    if bad.get("output", "") is not None:  # training reads a null like an absent key: "missing, null"
         assert expected in message
     else:
         assert "field 'output' is missing, null or empty" in message
