@@ -39,6 +39,7 @@ import configs
 import tasks
 from configs.paths import source_checkout
 from configs.schema import ConfigError, PipelineConfig, RegistryConfig
+from tasks.formatting import format_p_value
 from tasks.tracking import (
     TrackingServerUnreachable,
     apply_http_settings,
@@ -129,9 +130,10 @@ def _beats(label: str, comparison: dict[str, Any] | None, metric: str, level: fl
         return False
     if not significant:
         reasons.append(f"{metric} gain over {label} ({delta:+.2f} points) is not significant "
-                       f"(p={p_value if p_value is not None else 'n/a'}, level {level})")
+                       f"(p={format_p_value(p_value)}, level {level})")
         return False
-    reasons.append(f"{metric} beats {label} by {delta:+.2f} points (p={p_value}, significant at {level})")
+    reasons.append(f"{metric} beats {label} by {delta:+.2f} points (p={format_p_value(p_value)}, "
+                   f"significant at {level})")
     return True
 
 
