@@ -24,10 +24,10 @@ if [[ -n "${QLORA_MLFLOW_DIR:-}" ]]; then
 elif [[ -n "${QLORA_PIPELINE_DIR:-}" ]]; then
     HERE="$QLORA_PIPELINE_DIR/mlflow"
 else
-    HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 fi
 mkdir -p "$HERE/artifacts"
-HERE="$(cd "$HERE" && pwd)"
+HERE="$(cd "$HERE" && pwd -P)"  # physical path, as the pipeline resolves it
 command -v mlflow >/dev/null 2>&1 || { echo "mlflow not found: run 'make install' or activate .venv" >&2; exit 1; }
 
 HOST="${MLFLOW_HOST:-127.0.0.1}"
