@@ -19,8 +19,8 @@ from unittest.mock import patch
 
 from transformers import TrainerCallback
 
-from bench.common import paired_ratios, summarize
-from configs.schema import DEFAULT_CONFIG, PipelineConfig, load_config
+from bench.common import REPO_ROOT, paired_ratios, summarize
+from configs.schema import PipelineConfig, load_config
 from tasks.data import DatasetSplits, load_splits, tokenize_example
 from tasks.demo_assets import INSTRUCTIONS, SOURCE_WORDS, DemoAssets, zorbish_lexicon
 from tasks.gpu import TrainingPlan, check_gpu
@@ -65,7 +65,7 @@ def demo_config(assets: DemoAssets, output_dir: Path, overrides: list[str]) -> P
         f"training.output_dir={output_dir}",
         "training.resume=false",
     ]
-    return load_config(DEFAULT_CONFIG, base + overrides)
+    return load_config(REPO_ROOT / "configs" / "demo.yaml", base + overrides)
 
 
 def run_project(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits) -> RunTiming:

@@ -15,9 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+from configs.paths import PROJECT_DIR_ENV, default_config_path, project_dir
 
 
 class ConfigError(ValueError):
@@ -256,9 +254,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML config, apply `section.key=value` overrides, validate. Raises ConfigError.
 
     Relative paths inside the config are relative to the working directory, like any CLI argument;
-    `make` targets and the Prefect deployment run from the repo root.
+    `make` targets and the Prefect deployment run from the repo root. Without a path, the default is
+    `configs/demo.yaml` of the project dir, else the demo config shipped in the package
+    (configs.paths.default_config_path).
     """
-    config_path = Path(path) if path else DEFAULT_CONFIG
+    config_path = Path(path) if path else default_config_path()
+    if config_path is None:
+        raise ConfigError(
+            f"no config given, and neither {project_dir() / 'configs' / 'demo.yaml'} nor the demo config of the "
+            f"installed package exists; pass --config with a YAML file (or set {PROJECT_DIR_ENV} to a folder "
+            "holding configs/demo.yaml)"
+        )
     if not config_path.exists():
         raise ConfigError(f"config file {config_path} not found; pass --config with an existing YAML file")
     try:

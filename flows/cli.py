@@ -30,7 +30,9 @@ app = typer.Typer(help="QLoRA fine-tuning pipeline: validate -> check GPU -> tra
                   no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
 
-ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default configs/demo.yaml)")]
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="YAML config (default: configs/demo.yaml in $QLORA_PIPELINE_DIR or the working "
+                           "directory, else the demo config shipped with the package)")]
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override a config key: section.key=value (repeatable)")
 ]
@@ -57,6 +59,14 @@ def load(config: Path | None, overrides: list[str] | None):  # -> PipelineConfig
     from configs.schema import load_config
 
     return load_config(config, overrides or [])
+
+
+def flow_config_path(config: Path | None) -> str:
+    """The config file a flow run reads: the one given, else the default `load` used (an absolute path,
+    so a scheduled run reads the same file whatever its working directory)."""
+    from configs.paths import default_config_path
+
+    return str(config or default_config_path())
 
 
 @app.command("demo-assets")
@@ -219,7 +229,6 @@ def predict_command(
 @pipeline_errors
 def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Run the whole flow (validate -> check GPU -> train -> evaluate -> register) as a Prefect flow run."""
-    from configs.schema import DEFAULT_CONFIG
     from flows.finetune import finetune_flow
     from tasks.data import check_data_files
     from tasks.tracking import check_tracking_server, resolve_tracking_uri
@@ -227,7 +236,7 @@ def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     cfg = load(config, set_)
     check_data_files(cfg.data)  # fail in seconds, not after a Prefect server has started
     check_tracking_server(resolve_tracking_uri(cfg))
-    outcome = finetune_flow(config_path=str(config or DEFAULT_CONFIG), overrides=list(set_ or []))
+    outcome = finetune_flow(config_path=flow_config_path(config), overrides=list(set_ or []))
     metric = outcome.primary_metric
     console.print(
         f"\n[bold green]registered[/] {outcome.registered_model} version {outcome.version} "
@@ -251,13 +260,12 @@ def serve_command(
     name: Annotated[str, typer.Option(help="deployment name")] = "finetune-nightly",
 ) -> None:
     """Serve the flow on a schedule from this process (no work pool needed); Ctrl-C stops it."""
-    from configs.schema import DEFAULT_CONFIG
     from flows.finetune import finetune_flow
     from tasks.data import check_data_files
 
     check_data_files(load(config, set_).data)  # fail now on a bad config, not at 2 am
     finetune_flow.serve(name=name, cron=cron,
-                        parameters={"config_path": str(config or DEFAULT_CONFIG), "overrides": list(set_ or [])})
+                        parameters={"config_path": flow_config_path(config), "overrides": list(set_ or [])})
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from configs.schema import ConfigError, PipelineConfig
 from tasks.data import IGNORE_INDEX, DataError, DatasetSplits, Example, render_prompt, tokenize_example
+from tasks.formatting import format_p_value
 from tasks.gpu import TrainingPlan
 from tasks.modeling import (
     hash_directory,
@@ -280,7 +281,7 @@ class EvalReport:
             for metric, c in metrics.items():
                 lines.append(
                     f"| {name.replace('_', ' ')} | {METRIC_LABELS.get(metric, metric)} | {c['delta']:+.2f} | "
-                    f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {c['p_value']:.4f} | "
+                    f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {format_p_value(c['p_value'])} | "
                     f"{'yes' if c['significant'] else 'no'} |"
                 )
         lines += [

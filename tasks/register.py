@@ -35,7 +35,11 @@ from typing import Any
 
 import yaml
 
-from configs.schema import REPO_ROOT, ConfigError, PipelineConfig, RegistryConfig
+import configs
+import tasks
+from configs.paths import source_checkout
+from configs.schema import ConfigError, PipelineConfig, RegistryConfig
+from tasks.formatting import format_p_value
 from tasks.tracking import (
     TrackingServerUnreachable,
     apply_http_settings,
@@ -126,9 +130,10 @@ def _beats(label: str, comparison: dict[str, Any] | None, metric: str, level: fl
         return False
     if not significant:
         reasons.append(f"{metric} gain over {label} ({delta:+.2f} points) is not significant "
-                       f"(p={p_value if p_value is not None else 'n/a'}, level {level})")
+                       f"(p={format_p_value(p_value)}, level {level})")
         return False
-    reasons.append(f"{metric} beats {label} by {delta:+.2f} points (p={p_value}, significant at {level})")
+    reasons.append(f"{metric} beats {label} by {delta:+.2f} points (p={format_p_value(p_value)}, "
+                   f"significant at {level})")
     return True
 
 
@@ -229,15 +234,22 @@ def check_adapter_dir(adapter_dir: Path) -> None:
 
 
 def git_commit() -> tuple[str, str]:
-    """(commit of this repo or "unknown", "true"/"false"/"unknown" for uncommitted changes)."""
+    """(commit of the source checkout the running code comes from, "true"/"false" for uncommitted changes).
+
+    Both are "unknown" for an installed package (no checkout: the working directory's repository, if
+    any, is not the code that ran) or when git cannot answer; lineage never fails registration.
+    """
+    checkout = source_checkout()
+    if checkout is None:
+        return "unknown", "unknown"
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read-only: never touch the index
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True,
                                 timeout=10, env=env, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown", "unknown"
     try:
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=checkout,
                                 capture_output=True, text=True, timeout=10, env=env, check=True).stdout
         dirty = "true" if status.strip() else "false"
     except (OSError, subprocess.SubprocessError):
@@ -477,6 +489,12 @@ mlflow.models.set_model(AdapterModel())
 '''
 
 
+def model_code_paths() -> list[Path]:
+    """The source folders shipped with the pyfunc model: the `tasks` and `configs` packages as imported,
+    so a checkout ships its files and an installed worker its site-packages copy (the code that ran)."""
+    return [Path(tasks.__file__).resolve().parent, Path(configs.__file__).resolve().parent]
+
+
 def log_adapter_model(uri: str, run_id: str, adapter_dir: Path, reference: dict[str, Any],
                       config: PipelineConfig) -> Any:
     """Log the pyfunc model into the run: adapter + base reference as artifacts, this project's `tasks`
@@ -497,7 +515,7 @@ def log_adapter_model(uri: str, run_id: str, adapter_dir: Path, reference: dict[
                 name=MODEL_ARTIFACT_NAME,
                 python_model=str(model_code),
                 artifacts={ADAPTER_ARTIFACT: str(adapter_dir), BASE_ARTIFACT: str(reference_file)},
-                code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "configs")],
+                code_paths=[str(path) for path in model_code_paths()],
                 signature=signature(config.evaluation.max_new_tokens),
                 input_example=example,
                 pip_requirements=pip_requirements(),

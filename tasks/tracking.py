@@ -4,10 +4,12 @@
 and returns its id; each later stage logs into that same run through an `MlflowClient`, so no stage
 can open a second run by accident and nothing relies on MLflow's process-global active run.
 
-Where the data goes: `registry.tracking_uri`, or by default a sqlite store in the repo's `mlflow/`
-folder (`mlflow/mlflow.db`, artifacts in `mlflow/artifacts`; both git-ignored) that `make mlflow-ui`
-serves. For any local sqlite store the experiment's artifacts are kept beside the database file, in
-`artifacts/`, never in a stray `./mlruns` of the working directory.
+Where the data goes: `registry.tracking_uri`, else MLFLOW_TRACKING_URI, else by default a sqlite store
+in the project dir's `mlflow/` folder (`mlflow/mlflow.db`, artifacts in `mlflow/artifacts`; the project
+dir is $QLORA_PIPELINE_DIR or the working directory, see configs/paths.py, so `make demo` from the repo
+root writes the git-ignored `mlflow/` that `make mlflow-ui` serves, and an installed package never
+writes into site-packages). For any local sqlite store the experiment's artifacts are kept beside the
+database file, in `artifacts/`, never in a stray `./mlruns` of the working directory.
 
 System metrics (CPU, memory, disk, network, and GPU when `pynvml` is installed) are sampled during
 training by MLflow's own `SystemMetricsMonitor` in a background thread every 10 s (psutil; cheap).
@@ -30,13 +32,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from configs.schema import REPO_ROOT, PipelineConfig
+from configs.paths import project_dir
+from configs.schema import PipelineConfig
 
 logger = logging.getLogger(__name__)
 
-MLFLOW_DIR = REPO_ROOT / "mlflow"
-DEFAULT_DB = MLFLOW_DIR / "mlflow.db"
-DEFAULT_ARTIFACTS = MLFLOW_DIR / "artifacts"
+STORE_DIR_NAME = "mlflow"  # under the project dir; mlflow/server.sh serves the same folder
+DB_FILE_NAME = "mlflow.db"
 TRACKED_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "mlflow",
                      "prefect", "great-expectations", "sacrebleu", "rouge-score")
 
@@ -49,13 +51,25 @@ _RUN_URIS: dict[str, str] = {}
 # Where the store is
 
 
+def default_db() -> Path:
+    """The default store's database: `<project dir>/mlflow/mlflow.db` (resolved at call time, so it
+    follows the working directory or $QLORA_PIPELINE_DIR, never the package's own location)."""
+    return project_dir() / STORE_DIR_NAME / DB_FILE_NAME
+
+
+def default_tracking_uri() -> str:
+    """The default local sqlite store's URI, its artifacts folder beside it created."""
+    db = default_db()
+    (db.parent / "artifacts").mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
 def resolve_tracking_uri(config: PipelineConfig) -> str:
     """The configured tracking URI, else MLFLOW_TRACKING_URI (how the docker worker is pointed at its
-    server), else the local sqlite store in `mlflow/` (its folders created)."""
+    server), else the default sqlite store `<project dir>/mlflow/mlflow.db` (its folders created)."""
     uri = config.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri is None:
-        DEFAULT_ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{DEFAULT_DB}"
+        return default_tracking_uri()
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +119,7 @@ def artifact_location(uri: str) -> str | None:
     db = sqlite_path(uri)
     if db is None:
         return None
-    folder = DEFAULT_ARTIFACTS if db == DEFAULT_DB.resolve() else db.parent / "artifacts"
+    folder = db.parent / "artifacts"
     folder.mkdir(parents=True, exist_ok=True)
     return folder.resolve().as_uri()
 
@@ -166,8 +180,8 @@ def quiet_artifact_transfers() -> Iterator[None]:
 
 def uri_for_run(run_id: str, tracking_uri: str | None = None) -> str:
     """The store a run lives in: the explicit URI, else the one start_pipeline_run used in this process,
-    else MLflow's configured URI (MLFLOW_TRACKING_URI), else this project's default store (never
-    MLflow's own default of a ./mlflow.db in whatever the working directory is)."""
+    else MLflow's configured URI (MLFLOW_TRACKING_URI), else the pipeline's default store
+    (`<project dir>/mlflow/mlflow.db`, the one resolve_tracking_uri uses; not MLflow's own default)."""
     if tracking_uri:
         return tracking_uri
     if run_id in _RUN_URIS:
@@ -176,8 +190,7 @@ def uri_for_run(run_id: str, tracking_uri: str | None = None) -> str:
 
     if mlflow.is_tracking_uri_set():
         return mlflow.get_tracking_uri()
-    DEFAULT_ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{DEFAULT_DB}"
+    return default_tracking_uri()
 
 
 # --------------------------------------------------------------------------------------------------

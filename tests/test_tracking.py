@@ -16,9 +16,13 @@ def runs_in_experiment(client, name: str) -> list:
     return client.search_runs([experiment.experiment_id])
 
 
-def test_default_store_is_the_sqlite_file_in_the_repo_mlflow_folder(make_config) -> None:
+def test_default_store_is_the_sqlite_file_in_the_repo_mlflow_folder(make_config, monkeypatch) -> None:
     from tasks.tracking import artifact_location, resolve_tracking_uri
 
+    # as `make demo` runs: from the repo root, no store configured (tests/test_installed.py: elsewhere)
+    monkeypatch.chdir(REPO_ROOT)
+    for variable in ("QLORA_PIPELINE_DIR", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(variable, raising=False)
     uri = resolve_tracking_uri(make_config())
     assert uri == f"sqlite:///{REPO_ROOT / 'mlflow' / 'mlflow.db'}"
     assert artifact_location(uri) == (REPO_ROOT / "mlflow" / "artifacts").as_uri()
