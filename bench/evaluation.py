@@ -1,6 +1,6 @@
 """Benchmark 4: evaluation samples/s of batched generation against one prompt at a time.
 
-Both sides call the pipeline's own `tasks.evaluate.generate_responses` on the same rendered eval
+Both sides call the pipeline's own `tasks.generation.generate` on the same rendered eval
 prompts of the demo, with the demo base model loaded as evaluation loads it (NF4 on the CPU); only
 `batch_size` differs. Greedy decoding, so the answers must be identical.
 """
@@ -18,7 +18,7 @@ from tasks.demo_assets import DemoAssets
 
 def generation_benchmark(assets: DemoAssets, work: Path, rows: int, repeats: int) -> dict[str, Any]:
     from tasks.data import load_splits, render_prompt
-    from tasks.evaluate import generate_responses
+    from tasks.generation import generate
     from tasks.gpu import check_gpu
     from tasks.modeling import load_base_model, load_tokenizer
 
@@ -29,13 +29,13 @@ def generation_benchmark(assets: DemoAssets, work: Path, rows: int, repeats: int
     model = load_base_model(config, plan)
     prompts = [render_prompt(tokenizer, e.prompt_messages) for e in splits.eval[:rows]]
     batch_size, max_new = config.evaluation.batch_size, config.evaluation.max_new_tokens
-    generate_responses(model, tokenizer, prompts[:2], batch_size, max_new)  # warm-up (first-call allocations)
+    generate(model, tokenizer, prompts[:2], max_new, batch_size)  # warm-up (first-call allocations)
     speed: dict[int, list[float]] = {batch_size: [], 1: []}
     outputs: dict[int, list[str]] = {}
     for repeat in range(repeats):
         for size in ((batch_size, 1) if repeat % 2 == 0 else (1, batch_size)):
             started = time.perf_counter()
-            outputs[size] = generate_responses(model, tokenizer, prompts, size, max_new)
+            outputs[size] = generate(model, tokenizer, prompts, max_new, size)
             speed[size].append(len(prompts) / (time.perf_counter() - started))
             print(f"  [4] repeat {repeat + 1}/{repeats} batch_size={size}: {speed[size][-1]:.1f} samples/s", flush=True)
     equal = [a == b for a, b in zip(outputs[batch_size], outputs[1], strict=True)]

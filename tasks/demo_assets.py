@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_ASSETS_DIR = Path(".cache/demo")
-ASSETS_VERSION = 1
+ASSETS_VERSION = 2  # 2: every linear dimension a multiple of 64 (MLP 384, vocab padded to 64)
 SOURCE_WORDS = (
     "red blue green black white small big old young happy sad fast slow cold warm "
     "cat dog bird fish horse tree river stone house road book child king queen farmer "
@@ -108,16 +108,25 @@ def train_tokenizer(texts: list[str], vocab_size: int):  # -> PreTrainedTokenize
     return wrapped
 
 
+def padded_vocab_size(tokens: int, multiple: int = 64) -> int:
+    """The embedding rows for `tokens` tokens, rounded up as real models do (Llama's 32000 = 500 x 64)."""
+    return -(-tokens // multiple) * multiple
+
+
 def build_base_model(vocab_size: int, tokenizer, seed: int):  # -> LlamaForCausalLM
-    """A ~1M parameter Llama: big enough to learn the mapping through LoRA, small enough for 2 cores."""
+    """A ~1M parameter Llama: big enough to learn the mapping through LoRA, small enough for 2 cores.
+
+    Every linear dimension is a multiple of 64 (the 4-bit block size), as in real models: hidden 128,
+    MLP 384, and the vocabulary padded to a multiple of 64 (the extra rows are never a target).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size,
+        vocab_size=padded_vocab_size(vocab_size),
         hidden_size=128,
-        intermediate_size=352,
+        intermediate_size=384,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,

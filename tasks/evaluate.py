@@ -3,7 +3,8 @@
 One base model is loaded (4-bit when the plan says so) and scored first; the adapter is then attached
 with peft, and the champion, when given, is loaded as a second adapter on the same base, so only one
 copy of the base weights is ever resident. Every system answers the same prompts, built with the
-training template, by batched greedy generation (left padding, only the new tokens decoded).
+training template, through `tasks.generation.generate` (the same function the registered model
+answers with: batched greedy generation, left padding, only the new tokens decoded).
 
 Scores are on one 0-100 points scale: corpus BLEU (sacrebleu) and ROUGE-1/2/L/Lsum F-measures
 (rouge-score), plus the eval loss (mean token loss on the responses, masked as in training) and its
@@ -24,12 +25,14 @@ from typing import Any
 from configs.schema import ConfigError, PipelineConfig
 from tasks.data import IGNORE_INDEX, DataError, DatasetSplits, Example, render_prompt, tokenize_example
 from tasks.formatting import format_p_value
+from tasks.generation import generate
 from tasks.gpu import TrainingPlan
 from tasks.modeling import (
     hash_directory,
     linear_module_names,
     load_base_model,
     load_tokenizer,
+    pin_cpu_4bit_path,
     quiet_libraries,
     release_memory,
 )
@@ -46,59 +49,8 @@ CHAMPION = "champion"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Generation and loss
+# Loss (generation is tasks.generation.generate, shared with the registered model)
 # ----------------------------------------------------------------------------------------------------
-
-def generation_config(tokenizer: Any, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0) -> Any:
-    """Greedy unless sampling is asked for; the model's own generation defaults are not consulted."""
-    from transformers import GenerationConfig
-
-    sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        num_beams=1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-        **sampling,
-    )
-
-
-def generate_responses(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int,
-                       do_sample: bool = False, temperature: float = 1.0) -> list[str]:
-    """Answers to `prompts` (already rendered with the template), in order.
-
-    Batches are built from prompts of similar length (less padding), padded on the left so every row
-    ends at the same position and generation continues right after each prompt; only the tokens
-    after the prompt are decoded, special tokens skipped.
-    """
-    import torch
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    config = generation_config(tokenizer, max_new_tokens, do_sample, temperature)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
-    outputs: list[str] = [""] * len(prompts)
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # training may have switched the shared tokenizer to right padding
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, padding=True, return_tensors="pt")
-            batch = {key: value.to(model.device) for key, value in batch.items()}
-            with torch.inference_mode():
-                generated = model.generate(**batch, generation_config=config)
-            new_tokens = generated[:, batch["input_ids"].shape[1]:]
-            for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
-                outputs[i] = text.strip()
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return outputs
-
 
 def eval_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_length: int,
               batch_size: int) -> tuple[float | None, float | None]:
@@ -111,6 +63,7 @@ def eval_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_lengt
     import torch
     import torch.nn.functional as F
 
+    pin_cpu_4bit_path(model)  # bitsandbytes' packed bf16 CPU path would change the loss on some CPUs
     features = [tokenize_example(tokenizer, e, max_seq_length) for e in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_loss, total_tokens = 0.0, 0
@@ -344,8 +297,7 @@ def _score_system(model: Any, tokenizer: Any, config: PipelineConfig, prompts: l
     ev = config.evaluation
     torch.manual_seed(ev.seed)  # only matters when sampling
     started = time.perf_counter()
-    outputs = generate_responses(model, tokenizer, prompts, ev.batch_size, ev.max_new_tokens, ev.do_sample,
-                                 ev.temperature)
+    outputs = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, ev.do_sample, ev.temperature)
     generation_s = time.perf_counter() - started
     started = time.perf_counter()
     loss, perplexity = eval_loss(model, tokenizer, examples, config.data.max_seq_length, ev.batch_size)

@@ -1,7 +1,8 @@
 """GPU capability check: what hardware is there, and the training plan that follows from it.
 
-`detect_devices` looks at the machine; `plan_training` is a pure function of that report, the config
-and the model's shapes, so the planning rules can be tested with fake reports of any card.
+`detect_devices` looks at the machine (GPUs, and the CPU features that change bitsandbytes' CPU 4-bit
+path); `plan_training` is a pure function of that report, the config and the model's shapes, so the
+planning rules can be tested with fake reports of any card or CPU.
 A plan that cannot fit is refused before any weights are loaded, with the numbers and the options.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import platform
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from configs.schema import ConfigError, PipelineConfig
@@ -20,6 +22,9 @@ CUDA_CONTEXT_BYTES = int(0.6 * GIB)
 MEMORY_HEADROOM = 0.85  # share of free memory the plan may use; the rest covers fragmentation
 AUTO_BATCH_SIZES = (16, 8, 4, 2, 1)
 CPU_BATCH_SIZE = 8
+# CPU flags (Linux /proc/cpuinfo names) that change how bitsandbytes computes 4-bit layers on the CPU:
+# with AVX512-BF16 it switches eval-mode layers to a packed bf16 kernel; AMX speeds bf16 matmuls.
+CPU_FEATURES = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "amx_tile": "AMX-TILE"}
 
 
 class PlanRefused(ConfigError):
@@ -47,6 +52,13 @@ class DeviceReport:
     cpu_count: int = 1
     ram_total_bytes: int = 0
     platform: str = ""
+    cpu_features: tuple[str, ...] = ()  # the CPU_FEATURES flags this CPU has
+    cpu_capability: str = ""  # torch's CPU kernel level (DEFAULT, AVX2, AVX512, ...)
+    bnb_packed_cpu_kernel: bool = False  # bitsandbytes' own AVX512-BF16 detection: it would pack layers
+
+    @property
+    def has_avx512_bf16(self) -> bool:
+        return "avx512_bf16" in self.cpu_features or self.bnb_packed_cpu_kernel
 
     @property
     def has_gpu(self) -> bool:
@@ -61,6 +73,10 @@ class DeviceReport:
             f"bitsandbytes {self.bitsandbytes_version or 'not installed'} "
             f"(4-bit {'works' if self.bnb_4bit_ok else 'fails: ' + str(self.bnb_error)})",
             f"- CPU cores {self.cpu_count}, RAM {self.ram_total_bytes / GIB:.1f} GiB, {self.platform}",
+            "- CPU features: " + ", ".join(f"{label} {'yes' if flag in self.cpu_features else 'no'}"
+                                           for flag, label in CPU_FEATURES.items())
+            + f" (torch CPU kernels {self.cpu_capability or 'unknown'}; bitsandbytes packed bf16 CPU kernel "
+            + f"{'available' if self.bnb_packed_cpu_kernel else 'not available'})",
         ]
         if not self.devices:
             lines.append("- no CUDA device")
@@ -161,6 +177,11 @@ class TrainingPlan:
 
 def probe_bitsandbytes(device: str) -> tuple[str | None, bool, str | None]:
     """Version of bitsandbytes and whether a real NF4 layer quantizes and runs on `device`."""
+    import logging
+
+    # On an AVX512-BF16 CPU, importing bitsandbytes warns that an optional fused kernel for its packed
+    # CPU path is missing; the pipeline never uses that path (tasks.modeling.pin_cpu_4bit_path).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import bitsandbytes as bnb
         import torch
@@ -175,6 +196,57 @@ def probe_bitsandbytes(device: str) -> tuple[str | None, bool, str | None]:
         return bnb.__version__, True, None
     except Exception as exc:
         return getattr(bnb, "__version__", None), False, f"{exc.__class__.__name__}: {exc}"
+
+
+def cpu_features_from_cpuinfo(cpuinfo: str) -> tuple[str, ...]:
+    """The CPU_FEATURES flags listed in a /proc/cpuinfo text (its `flags` lines), in CPU_FEATURES order."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return tuple(flag for flag in CPU_FEATURES if flag in flags)
+
+
+def detect_cpu_features(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> tuple[tuple[str, ...], str, bool]:
+    """(CPU_FEATURES flags present, torch's CPU capability, whether bitsandbytes detects AVX512-BF16).
+
+    /proc/cpuinfo exists on Linux only; elsewhere the flags come from bitsandbytes' own check, which
+    is what decides its behaviour anyway.
+    """
+    import torch
+
+    try:
+        capability = str(torch.backends.cpu.get_cpu_capability())
+    except Exception:
+        capability = ""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+
+        bnb_packed = bool(has_avx512bf16())
+    except Exception:
+        bnb_packed = False
+    try:
+        features = cpu_features_from_cpuinfo(cpuinfo_path.read_text())
+    except OSError:
+        features = ("avx512_bf16",) if bnb_packed else ()
+    return features, capability, bnb_packed
+
+
+def cpu_path_note(report: DeviceReport) -> str:
+    """What the plan does about bitsandbytes' machine-dependent CPU 4-bit path (tasks.modeling.pin_cpu_4bit_path)."""
+    found = [label for flag, label in CPU_FEATURES.items() if flag in report.cpu_features]
+    if report.has_avx512_bf16:
+        return (
+            f"CPU has {', '.join(found) or 'AVX512-BF16'}: bitsandbytes would switch each 4-bit layer to its "
+            "packed AVX512-BF16 kernel in eval mode (bf16-rounded outputs, a crash on input widths that are not a "
+            "multiple of the 64-value block, no input gradient afterwards); the pipeline turns that kernel off on "
+            "every layer and computes in fp32, so train, evaluate and serve give the same results as on any CPU"
+        )
+    return (
+        "CPU has no AVX512-BF16: bitsandbytes' packed bf16 kernel would not run here; the pipeline turns it "
+        "off on every layer anyway and computes in fp32, so results match CPUs that have it"
+    )
 
 
 def detect_devices() -> DeviceReport:
@@ -202,6 +274,7 @@ def detect_devices() -> DeviceReport:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         ram = 0
+    features, capability, bnb_packed = detect_cpu_features()
     return DeviceReport(
         torch_version=torch.__version__,
         cuda_version=torch.version.cuda,
@@ -212,6 +285,9 @@ def detect_devices() -> DeviceReport:
         cpu_count=os.cpu_count() or 1,
         ram_total_bytes=int(ram),
         platform=platform.platform(),
+        cpu_features=features,
+        cpu_capability=capability,
+        bnb_packed_cpu_kernel=bnb_packed,
     )
 
 
@@ -298,6 +374,8 @@ def plan_training(report: DeviceReport, config: PipelineConfig, stats: ModelStat
         available = int(report.ram_total_bytes * 0.5) if report.ram_total_bytes else 8 * GIB
         device_name = "cpu"
         notes.append("no CUDA GPU: training runs on the CPU through bitsandbytes' CPU 4-bit kernels (demo scale)")
+        if quant.load_in_4bit:
+            notes.append(cpu_path_note(report))
 
     def need(batch: int, checkpointing: bool) -> dict[str, int]:
         return estimate_memory(

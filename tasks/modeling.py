@@ -66,29 +66,105 @@ def load_tokenizer(config: PipelineConfig, source: str | Path | None = None) -> 
     return tokenizer
 
 
-def load_base_model(config: PipelineConfig, plan: TrainingPlan) -> Any:
-    """The base model, 4-bit NF4 with double quantization when the plan says so."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def quantization_config(quant_type: str, double_quant: bool, compute_dtype: str) -> Any:
+    """The one BitsAndBytesConfig of the project: NF4/FP4 4-bit, optional double quantization.
+
+    Training, evaluation, the registered pyfunc model and any server build it here, so the base they
+    load is quantized alike. The 4-bit weights are stored in the compute dtype (`quant_storage`),
+    which FSDP needs to shard them and costs nothing otherwise.
+    """
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch_dtype(compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+class PackedCpuLayerError(RuntimeError):
+    """A 4-bit layer was already converted to bitsandbytes' packed AVX512-BF16 CPU format."""
+
+
+def pin_cpu_4bit_path(model: Any) -> int:
+    """Turn off bitsandbytes' packed AVX512-BF16 CPU path on every 4-bit layer; returns how many were on.
+
+    bitsandbytes 0.50 sets `Linear4bit.support_avx512bf16_for_cpu` from the CPU it runs on, and then
+    converts a layer's weights to a packed CPU format in its first eval-mode forward without grad.
+    That makes results depend on the machine: the conversion crashes when in_features is not a
+    multiple of the block size, the fused kernel casts inputs and block scales to bf16 (outputs move
+    by up to ~1e-2 on the demo), and the layer stays packed, so a later backward passes no gradient to
+    its input (training after the Trainer's first evaluate silently loses the gradients of every
+    LoRA layer below). The pipeline therefore always takes the generic 4-bit path, which every CPU
+    (and the GPU) computes the same way. Called by the loader and again at the start of generation
+    and the eval loss, so a flag set on after loading is neutralised too.
+
+    A layer that is already packed is refused, not restored: its block scales were rounded to bf16,
+    and bitsandbytes' own inverse (`_convert_weight_packed_for_cpu_inverse`) is only best effort
+    (measured: 0.3% weight error with double quantization, 8% without), so the numbers would not be
+    the ones trained and evaluated.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except Exception:  # no (working) bitsandbytes: no 4-bit layers either
+        return 0
+    switched, packed = 0, []
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            packed.append(name)
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            switched += 1
+        module.support_avx512bf16_for_cpu = False
+    if packed:
+        shown = ", ".join(packed[:3]) + (f" and {len(packed) - 3} more" if len(packed) > 3 else "")
+        raise PackedCpuLayerError(
+            f"4-bit layers {shown} were already converted to bitsandbytes' packed AVX512-BF16 CPU format (an "
+            "eval-mode forward ran before the pipeline pinned the CPU path); their block scales are rounded to "
+            "bf16 and cannot be restored exactly. Load the model with tasks.modeling.load_base_model (or "
+            "load_model), which pins the path before any forward, and use it from there"
+        )
+    return switched
+
+
+def load_model(source: str, *, revision: str | None, trust_remote_code: bool, load_in_4bit: bool,
+               quant_type: str, double_quant: bool, compute_dtype: str, device: str) -> Any:
+    """The one place a base model is loaded: quantized by `quantization_config`, CPU path pinned.
+
+    Raises OSError (from transformers) when `source` cannot be loaded; callers turn it into the error
+    their users understand.
+    """
+    from transformers import AutoModelForCausalLM
 
     quiet_libraries()
-    dtype = torch_dtype(plan.compute_dtype)
-    quantization = None
-    if plan.load_in_4bit:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=plan.quant_type,
-            bnb_4bit_use_double_quant=plan.double_quant,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype,
-        )
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        quantization_config=quantization_config(quant_type, double_quant, compute_dtype) if load_in_4bit else None,
+        dtype=torch_dtype(compute_dtype),
+        device_map={"": 0 if device == "cuda" else "cpu"},
+    )
+    pin_cpu_4bit_path(model)
+    return model
+
+
+def load_base_model(config: PipelineConfig, plan: TrainingPlan) -> Any:
+    """The base model, 4-bit NF4 with double quantization when the plan says so."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = load_model(
             config.model.name_or_path,
             revision=config.model.revision,
             trust_remote_code=config.model.trust_remote_code,
-            quantization_config=quantization,
-            dtype=dtype,
-            device_map={"": 0 if plan.device == "cuda" else "cpu"},
+            load_in_4bit=plan.load_in_4bit,
+            quant_type=plan.quant_type,
+            double_quant=plan.double_quant,
+            compute_dtype=plan.compute_dtype,
+            device=plan.device,
         )
     except OSError as exc:
         raise ConfigError(f"model.name_or_path: cannot load '{config.model.name_or_path}': {exc}") from exc

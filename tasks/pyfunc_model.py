@@ -5,12 +5,13 @@ summary) and `base_model.json`, the recorded reference to the base: `{"kind": "l
 "sha256"}` or `{"kind": "hub", "id", "revision"}` plus the quantization it was trained with. The base
 weights are never copied into the registry. `load_context` finds the base (a local folder must still
 exist and hash to the recorded value; a hub model is fetched at the pinned revision), puts the adapter
-on it, and `predict` generates greedily, in batches, with left padding.
+on it, and `predict` answers through tasks.generation.generate, the function evaluation scored with.
 
 Options at load time, through `mlflow.pyfunc.load_model(uri, model_config={...})`:
 - `base_model_path`: where the local base lives now, when it moved (its hash is still checked);
 - `load_in_4bit`: force (true) or refuse (false) 4-bit loading; default: 4-bit when the adapter was
-  trained 4-bit and CUDA plus bitsandbytes are available, else float32 on the CPU;
+  trained 4-bit and bitsandbytes' 4-bit layers run here (a GPU, or the CPU as in the CPU plan), else
+  float32 on the CPU;
 - `max_new_tokens`, `batch_size`: generation defaults (`max_new_tokens` may also be a predict param).
 
 The model is logged as a "model from code" (tasks.register.MODEL_CODE, no pickle), with this
@@ -29,6 +30,7 @@ import mlflow
 import pandas as pd
 
 from configs.schema import ConfigError
+from tasks.generation import DEFAULT_BATCH_SIZE, generate
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,6 @@ ADAPTER_ARTIFACT = "adapter"
 BASE_ARTIFACT = "base_model"
 BASE_REFERENCE_FILE = "base_model.json"
 DEFAULT_MAX_NEW_TOKENS = 64
-DEFAULT_BATCH_SIZE = 16
 
 
 class BaseModelUnavailable(ConfigError):
@@ -68,52 +69,48 @@ def resolve_base(reference: dict[str, Any], override_path: str | None = None) ->
     return str(path), None
 
 
-def _four_bit_available() -> bool:
+def runtime_precision(quantization: dict[str, Any], load_in_4bit: bool | None) -> dict[str, Any]:
+    """How to load the base here: 4-bit as trained when bitsandbytes' 4-bit layers run on this device.
+
+    That is the CPU too (bitsandbytes >= 0.46), so the served model is the one evaluation scored. The
+    compute dtype follows the plan's automatic rule: bf16 (fp16 without it) on a GPU, fp32 on the CPU.
+    `load_in_4bit` forces (True) or refuses (False) 4-bit; without 4-bit the base loads in fp32 on the CPU.
+    """
     import torch
 
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:
-        return False
-    return True
+    from tasks.gpu import probe_bitsandbytes
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if load_in_4bit is None:
+        load_in_4bit = bool(quantization.get("load_in_4bit")) and probe_bitsandbytes(device)[1]
+    if not load_in_4bit:
+        return {"load_in_4bit": False, "quant_type": "nf4", "double_quant": False, "compute_dtype": "float32",
+                "device": "cpu"}
+    compute_dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device == "cuda" else "float32"
+    return {"load_in_4bit": True, "quant_type": quantization.get("quant_type", "nf4"),
+            "double_quant": bool(quantization.get("double_quant", True)), "compute_dtype": compute_dtype,
+            "device": device}
 
 
 def load_adapter_model(adapter_dir: str | Path, reference: dict[str, Any],
                        options: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    """(PeftModel in eval mode, tokenizer with left padding) for an adapter and its base reference."""
-    import torch
+    """(PeftModel in eval mode, tokenizer with left padding) for an adapter and its base reference.
+
+    The base goes through tasks.modeling.load_model, the loader training and evaluation use (same
+    quantization config, CPU 4-bit path pinned).
+    """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
 
-    from tasks.modeling import quiet_libraries
+    from tasks.modeling import load_model
 
-    quiet_libraries()
     options = options or {}
     source, revision = resolve_base(reference, options.get("base_model_path"))
-    trust = bool(reference.get("trust_remote_code", False))
-    quant = reference.get("quantization") or {}
     want_4bit = options.get("load_in_4bit")
-    use_4bit = (_four_bit_available() and bool(quant.get("load_in_4bit"))) if want_4bit is None else bool(want_4bit)
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust}
-    if use_4bit:
-        on_cuda = torch.cuda.is_available()
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_cuda else torch.float32
-        kwargs.update(
-            quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=quant.get("quant_type", "nf4"),
-                bnb_4bit_use_double_quant=bool(quant.get("double_quant", True)),
-                bnb_4bit_compute_dtype=dtype,
-            ),
-            dtype=dtype,
-            device_map={"": 0 if on_cuda else "cpu"},
-        )
-    else:
-        kwargs.update(dtype=torch.float32, device_map={"": "cpu"})
+    precision = runtime_precision(reference.get("quantization") or {}, None if want_4bit is None else bool(want_4bit))
     try:
-        base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        base = load_model(source, revision=revision, trust_remote_code=bool(reference.get("trust_remote_code", False)),
+                          **precision)
     except OSError as exc:
         raise BaseModelUnavailable(f"cannot load the base model {source} (revision {revision}): {exc}") from exc
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
@@ -150,25 +147,11 @@ def prompts_from_input(model_input: Any) -> list[str]:
     raise ValueError(f"expected prompt strings or a DataFrame with a 'prompt' column, got {type(model_input).__name__}")
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-             batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
-    """Greedy completions, batched with left padding; each prompt goes through the chat template."""
-    import torch
-
+def render_user_prompts(tokenizer: Any, prompts: list[str]) -> list[str]:
+    """Each prompt as one user message through the adapter's chat template, as training rendered it."""
     from tasks.data import render_prompt
 
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    outputs: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts[start:start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.no_grad():
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
-        new_tokens = generated[:, batch["input_ids"].shape[1]:]
-        outputs.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return outputs
+    return [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
 
 
 class AdapterModel(mlflow.pyfunc.PythonModel):
@@ -191,7 +174,8 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         if not prompts:
             return []
         max_new_tokens = int(params.get("max_new_tokens") or self.max_new_tokens)
-        return generate(self.model, self.tokenizer, prompts, max_new_tokens, self.batch_size)
+        return generate(self.model, self.tokenizer, render_user_prompts(self.tokenizer, prompts), max_new_tokens,
+                        self.batch_size)
 
 
 def signature(max_new_tokens: int) -> Any:

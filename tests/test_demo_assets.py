@@ -39,3 +39,15 @@ def test_demo_model_is_a_small_llama_with_template_and_pad(demo_assets) -> None:
     assert tokenizer.chat_template
     text = "red cat runs"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_every_linear_dimension_of_the_demo_model_is_a_multiple_of_64(demo_assets) -> None:
+    """As in real models: 4-bit blocks of 64 never straddle a row (the CPU path must not depend on it)."""
+    from transformers import AutoConfig
+
+    from tasks.gpu import ModelStats
+
+    config = AutoConfig.from_pretrained(demo_assets.model_dir)
+    stats = ModelStats.from_model_config(config)
+    dimensions = {d for _, i, o in stats.linear_layers for d in (i, o)} | {config.vocab_size}
+    assert stats.linear_layers and all(d % 64 == 0 for d in dimensions), sorted(dimensions)

@@ -12,7 +12,8 @@ import pytest
 
 from configs.schema import ConfigError
 from tasks.data import DataError, render_prompt
-from tasks.evaluate import evaluate_adapter, generate_responses
+from tasks.evaluate import evaluate_adapter
+from tasks.generation import generate
 
 SYSTEM_KEYS = {"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "eval_loss", "perplexity", "samples_per_s",
                "wall_time_s"}
@@ -111,9 +112,9 @@ def test_batched_and_one_at_a_time_greedy_outputs_are_identical(trained):
             if name == "adapter":
                 model = PeftModel.from_pretrained(model, str(result.adapter_dir), is_trainable=False)
             started = time.perf_counter()
-            batched = generate_responses(model, tokenizer, prompts, batch_size=len(prompts), max_new_tokens=24)
+            batched = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=len(prompts))
             middle = time.perf_counter()
-            single = generate_responses(model, tokenizer, prompts, batch_size=1, max_new_tokens=24)
+            single = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=1)
             ended = time.perf_counter()
             assert batched == single, name
             assert all(batched), name  # no empty answers: only the new tokens were decoded, and some were made

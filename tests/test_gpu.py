@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from transformers import LlamaConfig
 
 from configs.schema import load_config
-from tasks.gpu import GIB, DeviceInfo, DeviceReport, ModelStats, PlanRefused, detect_devices, plan_training
+from tasks.gpu import (
+    GIB,
+    DeviceInfo,
+    DeviceReport,
+    ModelStats,
+    PlanRefused,
+    cpu_features_from_cpuinfo,
+    detect_devices,
+    plan_training,
+)
 from tests.conftest import DEMO_CONFIG
 
 
@@ -99,3 +110,48 @@ def test_real_detection_on_this_machine() -> None:
     assert report.torch_version
     assert report.bnb_4bit_ok, report.bnb_error  # CPU 4-bit is what the demo and tests rely on
     assert "4-bit works" in report.markdown()
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu vme sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+processor\t: 1
+flags\t\t: fpu vme sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+"""
+
+
+def test_cpu_features_come_from_the_cpuinfo_flags() -> None:
+    assert cpu_features_from_cpuinfo(CPUINFO) == ("avx512_bf16", "amx_bf16", "amx_tile")
+    assert cpu_features_from_cpuinfo(CPUINFO.replace(" avx512_bf16 amx_bf16 amx_tile", "")) == ()
+    assert cpu_features_from_cpuinfo("") == ()
+
+
+def test_the_cpu_plan_says_what_it_does_about_avx512_bf16(demo_assets) -> None:
+    from transformers import AutoConfig
+
+    tiny = ModelStats.from_model_config(AutoConfig.from_pretrained(demo_assets.model_dir))
+    with_bf16 = replace(NO_GPU, cpu_features=("avx512_bf16", "amx_bf16"), cpu_capability="AVX512",
+                        bnb_packed_cpu_kernel=True)
+    notes = " ".join(plan_training(with_bf16, load_config(DEMO_CONFIG), tiny).notes)
+    assert "CPU has AVX512-BF16, AMX-BF16" in notes and "turns that kernel off on every layer" in notes
+    assert "AVX512-BF16 yes, AMX-BF16 yes" in with_bf16.markdown() and "packed bf16 CPU kernel available" in \
+        with_bf16.markdown()
+
+    without = " ".join(plan_training(NO_GPU, load_config(DEMO_CONFIG), tiny).notes)
+    assert "CPU has no AVX512-BF16" in without and "turns it off on every layer anyway" in without
+    assert "AVX512-BF16 no" in NO_GPU.markdown()
+    # bitsandbytes' own detection counts even where /proc/cpuinfo could not be read
+    assert replace(NO_GPU, bnb_packed_cpu_kernel=True).has_avx512_bf16
+    # a GPU plan computes on the GPU: the CPU kernel is not its concern
+    assert not any("AVX512" in note for note in plan_training(A100, config(), tiny).notes)
+
+
+def test_real_cpu_feature_detection_agrees_with_bitsandbytes() -> None:
+    import bitsandbytes.functional
+
+    report = detect_devices()
+    assert report.cpu_capability  # torch always knows its CPU kernel level
+    assert report.bnb_packed_cpu_kernel == bool(bitsandbytes.functional.has_avx512bf16())
+    if report.bnb_packed_cpu_kernel:
+        assert "avx512_bf16" in report.cpu_features
+    assert "CPU features: AVX512-BF16" in report.markdown()
