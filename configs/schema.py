@@ -153,6 +153,10 @@ class TrainingConfig(_Section):
     eval_steps: int | None = Field(None, ge=1, description="eval loss every N steps; None: at the end only")
     seed: int = 42
     resume: bool = Field(True, description="resume from the last checkpoint in output_dir when there is one")
+    output_dir_lock: Literal["fail", "wait"] = Field(
+        "fail", description="another live run holds output_dir: fail at once naming it, or wait for it"
+    )
+    lock_timeout_s: float = Field(21600.0, gt=0, description="with output_dir_lock=wait: longest wait, in seconds")
 
     @field_validator("per_device_batch_size")
     @classmethod

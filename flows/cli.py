@@ -121,16 +121,20 @@ def check_gpu_command(config: ConfigOption = None, set_: SetOption = None,
 @app.command("train")
 @pipeline_errors
 def train_command(config: ConfigOption = None, set_: SetOption = None) -> None:
-    """Train the LoRA adapter (QLoRA where the plan says so); resumes from the last checkpoint."""
+    """Train the LoRA adapter (QLoRA where the plan says so); resumes from the last checkpoint.
+
+    Refused at once when another run holds training.output_dir (see training.output_dir_lock)."""
     from tasks.data import load_splits
     from tasks.gpu import check_gpu
+    from tasks.run_lock import hold_output_dir
     from tasks.train import train
 
     cfg = load(config, set_)
-    splits = load_splits(cfg.data)
-    _, plan = check_gpu(cfg)
-    console.print(f"plan: {plan.summary()}")
-    result = train(cfg, plan, splits)
+    with hold_output_dir(cfg.training):
+        splits = load_splits(cfg.data)
+        _, plan = check_gpu(cfg)
+        console.print(f"plan: {plan.summary()}")
+        result = train(cfg, plan, splits)
     s = result.summary
     console.print(
         f"adapter: {result.adapter_dir}\nsteps {s.global_step} (resumed from {s.resumed_from_step}), "
@@ -177,6 +181,7 @@ def register_command(
     from configs.schema import ConfigError
     from tasks.evaluate import REPORT_FILE
     from tasks.register import TrackingServerUnreachable, register_adapter
+    from tasks.run_lock import hold_output_dir
 
     cfg = load(config, set_)
     report_path = report or Path(cfg.training.output_dir) / "evaluation" / REPORT_FILE
@@ -185,7 +190,8 @@ def register_command(
                           "first, or pass --report")
     checks = json.loads(validation.read_text()) if validation else None
     try:
-        result = register_adapter(cfg, adapter, json.loads(report_path.read_text()), validation=checks)
+        with hold_output_dir(cfg.training):  # no run may be rewriting the adapter while it is checked and uploaded
+            result = register_adapter(cfg, adapter, json.loads(report_path.read_text()), validation=checks)
     except TrackingServerUnreachable as exc:  # nothing was registered; the same command can be rerun
         console.print("[bold red]error:[/]", escape(str(exc)))
         raise typer.Exit(2) from None

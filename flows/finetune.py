@@ -12,6 +12,10 @@ tell the run's story in the Prefect UI. Choices, stage by stage:
 - evaluate: not cached, retried once (a transient OOM or I/O error may pass).
 - register: retried on connection errors to the tracking server, with backoff; a version is created
   only after all checks and the aliases move last, so a retry never finds a half-registered model.
+  It registers only the adapter this run's training wrote (its content hash is passed along).
+
+The whole pipeline run holds `training.output_dir` (`tasks.run_lock.hold_output_dir`): a second run
+on the same folder is refused before it touches anything there, or waits (`training.output_dir_lock`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from tasks.data import DataError, is_local_path, load_splits
 from tasks.evaluate import EvalReport, evaluate_adapter
 from tasks.gpu import TrainingPlan, check_gpu
 from tasks.register import RegistrationResult, champion_adapter_for, register_adapter
+from tasks.run_lock import hold_output_dir
 from tasks.tracking import (
     MlflowTrainingCallback,
     end_pipeline_run,
@@ -123,7 +128,7 @@ def check_gpu_task(config: PipelineConfig, run_id: str) -> TrainingPlan:
 def train_task(config: PipelineConfig, plan: TrainingPlan, run_id: str) -> TrainResult:
     uri = resolve_tracking_uri(config)
     callback = MlflowTrainingCallback(run_id, uri)
-    result = train(config, plan, load_splits(config.data), callbacks=[callback])
+    result = train(config, plan, load_splits(config.data), callbacks=[callback], run_id=run_id)
     log_training(run_id, result.summary.__dict__, callback.history, tracking_uri=uri)
     return result
 
@@ -147,7 +152,7 @@ def evaluate_task(config: PipelineConfig, plan: TrainingPlan, trained: TrainResu
 def register_task(config: PipelineConfig, trained: TrainResult, report: EvalReport,
                   validation: ValidationResult, plan: TrainingPlan, run_id: str) -> RegistrationResult:
     result = register_adapter(config, trained.adapter_dir, report.to_dict(), validation=validation.to_dict(),
-                              plan=plan.to_dict(), run_id=run_id)
+                              plan=plan.to_dict(), run_id=run_id, expected_sha256=trained.summary.adapter_sha256)
     create_markdown_artifact(markdown=registration_markdown(result, config), key="registration",
                              description="MLflow model registry outcome")
     return result
@@ -194,16 +199,17 @@ class PipelineOutcome:
 def finetune_flow(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> PipelineOutcome:
     """Fine-tune an adapter with QLoRA and deliver it into the MLflow model registry."""
     config = load_config(config_path, overrides or [])
-    run_id = start_pipeline_run(config)
-    try:
-        validation = validate_data_task(config, run_id)
-        plan = check_gpu_task(config, run_id)
-        trained = train_task(config, plan, run_id)
-        report = evaluate_task(config, plan, trained, run_id)
-        registration = register_task(config, trained, report, validation, plan, run_id)
-    except BaseException:
-        _mark_failed(run_id, config)  # the MLflow UI must not show a crashed night as still RUNNING
-        raise
+    with hold_output_dir(config.training):  # one run per output folder, from training through registration
+        run_id = start_pipeline_run(config)
+        try:
+            validation = validate_data_task(config, run_id)
+            plan = check_gpu_task(config, run_id)
+            trained = train_task(config, plan, run_id)
+            report = evaluate_task(config, plan, trained, run_id)
+            registration = register_task(config, trained, report, validation, plan, run_id)
+        except BaseException:
+            _mark_failed(run_id, config)  # the MLflow UI must not show a crashed night as still RUNNING
+            raise
     return PipelineOutcome(
         run_id=run_id,
         registered_model=registration.name,

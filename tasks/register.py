@@ -67,6 +67,10 @@ class AdapterFilesMissing(ConfigError):
     """The adapter folder is missing or lacks the peft/tokenizer files a version needs."""
 
 
+class AdapterChanged(ConfigError):
+    """The adapter folder's content is not what its training wrote (changed, or replaced by another run)."""
+
+
 class ModelNotLoadable(ConfigError):
     """A model URI that does not resolve to a loadable registered model (wrong name, version or alias)."""
 
@@ -545,10 +549,46 @@ def _cleanup_version(client: Any, name: str, version: str, restore: dict[str, st
 # The stage
 
 
+def verify_adapter_content(adapter_dir: Path, expected_sha256: str | None) -> str:
+    """The adapter's content hash, after checking it against what its training recorded.
+
+    `expected_sha256` is the hash the training of this pipeline run took (the flow passes it from its
+    own TrainResult, so an adapter swapped in by another run is caught even with its own summary);
+    without it, the hash in the folder's `train_summary.json` is the reference. A mismatch raises
+    AdapterChanged and nothing is registered.
+    """
+    from tasks.train import SUMMARY_FILE, adapter_content_hash
+
+    actual = adapter_content_hash(adapter_dir)
+    source = "this pipeline run's training"
+    if not expected_sha256:
+        summary_file = adapter_dir / SUMMARY_FILE
+        try:
+            expected_sha256 = json.loads(summary_file.read_text()).get("adapter_sha256") or None
+        except (OSError, ValueError, AttributeError):
+            expected_sha256 = None
+        source = f"its training ({summary_file})"
+    if expected_sha256 is None:
+        logger.warning("%s records no content hash (trained before hashes were recorded); registering it "
+                       "unverified with adapter_sha256=%s", adapter_dir, actual)
+    elif actual != expected_sha256:
+        raise AdapterChanged(
+            f"the adapter in {adapter_dir} is not the one {source} wrote: content hash {actual[:16]}... "
+            f"!= recorded {expected_sha256[:16]}...; its files changed after training (by hand, or by another "
+            "run in the same training.output_dir). Nothing was registered: retrain (qlora train) and register "
+            "the new adapter."
+        )
+    return actual
+
+
 def register_adapter(config: PipelineConfig, adapter_dir: str | Path, eval_report: dict[str, Any],
                      validation: dict[str, Any] | None = None, plan: dict[str, Any] | None = None,
-                     run_id: str | None = None) -> RegistrationResult:
-    """Register the adapter as a new version of `registry.model_name`; see the module docstring."""
+                     run_id: str | None = None, expected_sha256: str | None = None) -> RegistrationResult:
+    """Register the adapter as a new version of `registry.model_name`; see the module docstring.
+
+    The adapter's content is checked against the hash its training took (`verify_adapter_content`)
+    just before anything is written to the registry, and kept as the version tag `adapter_sha256`.
+    """
     registry = config.registry
     adapter_dir = Path(adapter_dir).resolve()
     check_adapter_dir(adapter_dir)
@@ -567,9 +607,11 @@ def register_adapter(config: PipelineConfig, adapter_dir: str | Path, eval_repor
         decision.numbers[f"{registry.primary_metric}_champion_registered"] = _finite(
             _to_float(champion.tags.get(f"metric.adapter.{registry.primary_metric}")))
 
+    adapter_sha256 = verify_adapter_content(adapter_dir, expected_sha256)
     if run_id is None:
         run_id = start_pipeline_run(config, run_name="register", tracking_uri=uri)
     tags = lineage_tags(config, adapter_dir, eval_report, validation, plan, reference, decision, run_id)
+    tags["adapter_sha256"] = adapter_sha256
     description = model_card(config, reference, tags, eval_report, decision, adapter_dir)
 
     ensure_registered_model(client, registry.model_name)

@@ -11,6 +11,12 @@ root writes the git-ignored `mlflow/` that `make mlflow-ui` serves, and an insta
 writes into site-packages). For any local sqlite store the experiment's artifacts are kept beside the
 database file, in `artifacts/`, never in a stray `./mlruns` of the working directory.
 
+Each run records the process that owns it (tags `host`, `pid`, `pid_namespace`, `process_started`,
+and `prefect_flow_run_id` in a flow run). A process killed hard (`kill -9`, OOM killer, power loss of a
+container) cannot end its run, so the next pipeline run of the experiment marks such orphans KILLED:
+RUNNING runs whose process provably no longer exists (same host and PID namespace, PID gone or reused).
+Runs of other machines, whose liveness cannot be checked from here, are left alone.
+
 System metrics (CPU, memory, disk, network, and GPU when `pynvml` is installed) are sampled during
 training by MLflow's own `SystemMetricsMonitor` in a background thread every 10 s (psutil; cheap).
 They are on unless `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING` is set to false; the sampling interval
@@ -230,11 +236,57 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[start:start + size]
 
 
+def process_tags() -> dict[str, str]:
+    """Who owns a run: enough for a later run on this machine to tell whether the owner is still alive."""
+    from tasks.run_lock import this_process
+
+    me = this_process()
+    tags = {"host": me.host, "pid": str(me.pid), "pid_namespace": me.pid_namespace,
+            "process_started": repr(me.started)}
+    if me.flow_run_id:
+        tags["prefect_flow_run_id"] = me.flow_run_id
+    return tags
+
+
+def mark_orphans_killed(client: Any, experiment_id: str, found_by: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of the experiment whose owning process is provably gone; return their ids.
+
+    Only runs that recorded their process (`process_tags`) on this host are candidates, and only those
+    whose process `tasks.run_lock.process_is_gone` confirms dead are touched: a live run, or one of
+    another machine or PID namespace, is never changed.
+    """
+    from tasks.run_lock import process_is_gone, this_process
+
+    host = this_process().host.replace("'", "")
+    candidates = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                                  f"tags.host = '{host}'", max_results=1000)
+    killed = []
+    for run in candidates:
+        tags = run.data.tags
+        try:
+            pid = int(tags["pid"])
+            started = float(tags["process_started"]) if tags.get("process_started") else None
+        except (KeyError, ValueError):
+            continue
+        if run.info.run_id == found_by or not process_is_gone(pid, tags["host"], tags.get("pid_namespace", ""),
+                                                              started):
+            continue
+        reason = f"process {pid} on {tags['host']} ended without finishing the run (killed hard)"
+        _set_tags(client, run.info.run_id, {"killed_reason": reason, **({"killed_found_by": found_by}
+                                                                       if found_by else {})})
+        client.set_terminated(run.info.run_id, status="KILLED")
+        logger.warning("MLflow run %s marked KILLED: %s", run.info.run_id, reason)
+        killed.append(run.info.run_id)
+    return killed
+
+
 def start_pipeline_run(config: PipelineConfig, run_name: str | None = None, tracking_uri: str | None = None) -> str:
     """Create the pipeline's MLflow run and return its id; the run stays RUNNING for later stages.
 
     Params: the resolved config flattened (`section.key`) and `lib.<name>` versions; tags: the config
-    hash and the library versions. No fluent run is left active in the process.
+    hash, the library versions and the owning process. No fluent run is left active in the process.
+    Runs of the experiment left RUNNING by a process that died are marked KILLED first
+    (`mark_orphans_killed`).
     """
     from mlflow.entities import Param
 
@@ -249,10 +301,15 @@ def start_pipeline_run(config: PipelineConfig, run_name: str | None = None, trac
         "base_model": config.model.name_or_path,
         "pipeline": "qlora-pipeline",
         **{f"lib.{name}": version for name, version in versions.items()},
+        **process_tags(),
     }
     tags["mlflow.note.content"] = _run_note(config)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
+    try:
+        mark_orphans_killed(client, experiment_id, found_by=run_id)
+    except Exception as exc:  # housekeeping of earlier runs must never stop tonight's
+        logger.warning("could not check for runs left RUNNING by dead processes: %s", exc)
     params = [Param(key, value[:6000]) for key, value in config.flat().items()]
     params += [Param(f"lib.{name}", version) for name, version in versions.items()]
     for chunk in _chunks(params, 100):
@@ -360,10 +417,19 @@ def loss_curve_figure(history: list[dict[str, Any]]) -> Any:
 
 def log_training(run_id: str, summary: dict[str, Any], loss_history: list[dict[str, Any]],
                  tracking_uri: str | None = None) -> None:
-    """The training summary as metrics (`train.*`) and JSON, and the loss curve as a PNG."""
+    """The training summary as metrics (`train.*`) and JSON, and the loss curve as a PNG.
+
+    Tags: the adapter's content hash, and for a resumed training the run that wrote the checkpoint it
+    continued (`resumed_from_run`, `resumed_from_step`).
+    """
     client = client_for(uri_for_run(run_id, tracking_uri))
     scalars = {k: v for k, v in summary.items() if k != "plan"}
     _log_metrics(client, run_id, _numbers("train", scalars), step=int(summary.get("global_step") or 0))
+    tags = {"adapter_sha256": summary.get("adapter_sha256")}
+    if summary.get("resumed_from_step"):
+        tags.update(resumed_from_run=summary.get("resumed_from_run") or "unknown",
+                    resumed_from_step=summary["resumed_from_step"])
+    _set_tags(client, run_id, {key: value for key, value in tags.items() if value})
     client.log_dict(run_id, summary, "training/train_summary.json")
     client.log_dict(run_id, {"history": loss_history}, "training/loss_history.json")
     client.log_figure(run_id, loss_curve_figure(loss_history), "training/loss_curve.png")

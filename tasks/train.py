@@ -3,7 +3,8 @@
 Checkpoints go to `<output_dir>/checkpoints` and a rerun with the same output dir resumes from the
 last one. The finished adapter is written to a temporary folder and swapped into
 `<output_dir>/adapter` in one rename, so a crash never leaves a half-written adapter in place of a
-good one.
+good one. Its content hash goes into `train_summary.json`, so registration can prove it uploads the
+adapter this training wrote. The run holds the output dir (`tasks.run_lock`) while it works in it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tasks.modeling import (
     quiet_libraries,
     release_memory,
 )
+from tasks.run_lock import hold_output_dir
 
 ADAPTER_DIRNAME = "adapter"
 CHECKPOINT_DIRNAME = "checkpoints"
@@ -56,6 +58,8 @@ class TrainSummary:
     peak_memory_bytes: int
     trainable_params: int
     plan: dict[str, Any] = field(default_factory=dict)
+    adapter_sha256: str = ""  # adapter_content_hash of the written adapter folder
+    resumed_from_run: str | None = None  # MLflow run that wrote the checkpoint this run resumed from
 
 
 @dataclass
@@ -107,7 +111,8 @@ def prepare_for_kbit_training(model: Any, plan: TrainingPlan) -> Any:
 
 # Settings that change how often things are written, not what is trained: a checkpoint stays valid
 # when only these differ.
-_BOOKKEEPING_KEYS = {"output_dir", "resume", "save_steps", "save_total_limit", "logging_steps", "eval_steps"}
+_BOOKKEEPING_KEYS = {"output_dir", "resume", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
+                     "output_dir_lock", "lock_timeout_s"}
 
 
 def training_setup_hash(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits) -> str:
@@ -139,8 +144,7 @@ def checkpoint_to_resume(checkpoint_dir: Path, setup_hash: str, resume: bool) ->
     if not resume:
         shutil.rmtree(checkpoint_dir)
         return None
-    marker = checkpoint_dir / RUN_FILE
-    recorded = json.loads(marker.read_text()) if marker.is_file() else {}
+    recorded = read_run_marker(checkpoint_dir)
     if recorded.get("completed"):
         shutil.rmtree(checkpoint_dir)
         return None
@@ -153,8 +157,48 @@ def checkpoint_to_resume(checkpoint_dir: Path, setup_hash: str, resume: bool) ->
     return last_checkpoint(checkpoint_dir)
 
 
-def mark_run(checkpoint_dir: Path, setup_hash: str, completed: bool) -> None:
-    (checkpoint_dir / RUN_FILE).write_text(json.dumps({"setup_hash": setup_hash, "completed": completed}))
+def read_run_marker(checkpoint_dir: Path) -> dict[str, Any]:
+    """`training_run.json`: the setup hash, whether the run completed, and the runs that trained here.
+
+    An unreadable marker reads as empty: the checkpoints then count as another setup's and are moved
+    aside, never deleted.
+    """
+    try:
+        recorded = json.loads((checkpoint_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _write_run_marker(checkpoint_dir: Path, marker: dict[str, Any]) -> None:
+    staging = checkpoint_dir / f".{RUN_FILE}.{os.getpid()}"
+    staging.write_text(json.dumps(marker, indent=2))
+    staging.replace(checkpoint_dir / RUN_FILE)  # a kill mid-write leaves the old marker, not half a new one
+
+
+def record_run_start(checkpoint_dir: Path, setup_hash: str, run_id: str | None, from_step: int) -> None:
+    """Append this run to the marker's chain of runs that trained in this folder, with the step it
+    starts from. A fresh start (from step 0) begins a new chain."""
+    recorded = read_run_marker(checkpoint_dir)
+    chain = list(recorded.get("runs") or []) if from_step and recorded.get("setup_hash") == setup_hash else []
+    chain.append({"mlflow_run_id": run_id, "started_at_step": from_step, "pid": os.getpid()})
+    _write_run_marker(checkpoint_dir, {"setup_hash": setup_hash, "completed": False, "runs": chain})
+
+
+def mark_completed(checkpoint_dir: Path, setup_hash: str) -> None:
+    _write_run_marker(checkpoint_dir, {**read_run_marker(checkpoint_dir), "setup_hash": setup_hash,
+                                       "completed": True})
+
+
+def checkpoint_writer(checkpoint_dir: Path, step: int) -> str | None:
+    """The MLflow run that wrote `checkpoint-<step>`: the latest run of the chain that started before it.
+
+    A run started from step s writes only checkpoints after s, so among the runs that started before
+    `step`, the last one (a later run resumed from an earlier one's checkpoint) wrote it.
+    """
+    chain = read_run_marker(checkpoint_dir).get("runs") or []
+    writers = [entry for entry in chain if int(entry.get("started_at_step", 0)) < step]
+    return writers[-1].get("mlflow_run_id") if writers else None
 
 
 def build_lora_model(model: Any, config: PipelineConfig, plan: TrainingPlan) -> Any:
@@ -248,14 +292,33 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def adapter_content_hash(adapter_dir: str | Path) -> str:
+    """SHA-256 over every file of an adapter folder (relative name and content), except the training
+    summary, which records this hash. Weights, adapter config, tokenizer and resolved config all count:
+    any of them changing changes what a registered version would serve."""
+    folder = Path(adapter_dir)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMMARY_FILE):
+        content = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                content.update(chunk)
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{content.hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
 def write_adapter(model: Any, tokenizer: Any, config: PipelineConfig, summary: TrainSummary, target: Path) -> None:
-    """Write to a sibling temp dir, then swap it in: readers see the old adapter or the new, never half."""
+    """Write to a sibling temp dir, then swap it in: readers see the old adapter or the new, never half.
+
+    The content hash is taken of the finished files and set on `summary` before the summary is written.
+    """
     staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(staging))
     (staging / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    summary.adapter_sha256 = adapter_content_hash(staging)
     (staging / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
     previous = target.with_name(f".{target.name}.previous-{os.getpid()}")
     if target.exists():
@@ -270,12 +333,22 @@ def train(
     splits: DatasetSplits,
     callbacks: list[Any] | None = None,
     keep_model: bool = False,
+    run_id: str | None = None,
 ) -> TrainResult:
     """Stage 3: train the adapter and write it to `<output_dir>/adapter`.
 
-    Nothing is written to the output dir before the base model has loaded and the LoRA targets are
-    checked, so a config error leaves no trace.
+    The output dir is held for the whole stage (`tasks.run_lock`; inside a flow that already holds it,
+    this is a no-op): a second run on it is refused before anything in it is read or changed. Nothing
+    else is written to the output dir before the base model has loaded and the LoRA targets are
+    checked, so a config error leaves no trace. `run_id`, the pipeline's MLflow run, is recorded with
+    the checkpoints, so a run that resumes from them can name the run it continues.
     """
+    with hold_output_dir(config.training):
+        return _train_holding_output_dir(config, plan, splits, callbacks, keep_model, run_id)
+
+
+def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits,
+                              callbacks: list[Any] | None, keep_model: bool, run_id: str | None) -> TrainResult:
     import torch
     from transformers import Trainer
 
@@ -293,8 +366,12 @@ def train(
     checkpoint_dir = output_dir / CHECKPOINT_DIRNAME
     setup_hash = training_setup_hash(config, plan, splits)
     resume_from = checkpoint_to_resume(checkpoint_dir, setup_hash, config.training.resume)
+    resumed_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
+    resumed_from_run = checkpoint_writer(checkpoint_dir, resumed_step) if resume_from else None
+    if resume_from:
+        logger.info("resuming from %s, written by MLflow run %s", resume_from, resumed_from_run or "unknown")
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    mark_run(checkpoint_dir, setup_hash, completed=False)
+    record_run_start(checkpoint_dir, setup_hash, run_id, resumed_step)
 
     max_len = config.data.max_seq_length
     train_data = tokenized_dataset(tokenizer, splits.train, max_len)
@@ -321,7 +398,7 @@ def train(
     tokens = int(trainer.state.num_input_tokens_seen)
     summary = TrainSummary(
         global_step=trainer.state.global_step,
-        resumed_from_step=int(Path(resume_from).name.split("-")[-1]) if resume_from else 0,
+        resumed_from_step=resumed_step,
         train_loss=output.training_loss,
         eval_loss_before=eval_before,
         eval_loss_after=eval_after,
@@ -331,10 +408,11 @@ def train(
         peak_memory_bytes=peak_memory_bytes(plan.device),
         trainable_params=trainable,
         plan=plan.to_dict(),
+        resumed_from_run=resumed_from_run,
     )
     adapter_dir = adapter_dir_for(config)
     write_adapter(model, tokenizer, config, summary, adapter_dir)
-    mark_run(checkpoint_dir, setup_hash, completed=True)
+    mark_completed(checkpoint_dir, setup_hash)
     result = TrainResult(adapter_dir=adapter_dir, summary=summary, model=model if keep_model else None)
     del trainer, model
     release_memory()
