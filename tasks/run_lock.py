@@ -33,7 +33,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from configs.schema import ConfigError, TrainingConfig
 
@@ -160,10 +159,6 @@ _HELD: dict[Path, _Held] = {}
 _HELD_GUARD = threading.Lock()
 
 
-def lock_path(output_dir: str | Path) -> Path:
-    return Path(output_dir).resolve() / LOCK_FILE
-
-
 def read_holder(path: Path) -> ProcessIdentity | None:
     """Who wrote the lock file last (the holder, when the lock is held); None when unreadable or empty."""
     try:
@@ -276,15 +271,3 @@ def _release(held: _Held) -> None:
         with contextlib.suppress(OSError):  # not empty (the run wrote something), or gone: keep it
             held.path.parent.rmdir()
 
-
-def holder_of(output_dir: str | Path) -> dict[str, Any] | None:
-    """The live holder of an output folder as a dict, or None when nobody holds it (for reports and tests)."""
-    path = lock_path(output_dir)
-    if not path.exists():
-        return None
-    fd = _try_lock(path) if path.parent.exists() else None
-    if fd is not None:
-        os.close(fd)  # we got it: nobody held it
-        return None
-    holder = read_holder(path)
-    return asdict(holder) if holder else {}

@@ -132,6 +132,19 @@ def test_the_lock_is_reentrant_in_one_process_and_a_failed_start_leaves_no_trace
     assert not out.exists(), "a run that wrote nothing leaves no folder behind"
 
 
+def test_the_nightly_deployment_runs_one_at_a_time() -> None:
+    """prefect.yaml passes the schema `prefect deploy` reads it with, and limits the deployment to one run."""
+    from prefect.cli.deploy._models import ConcurrencyLimitSpec, PrefectYamlModel
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    (deployment,) = PrefectYamlModel.model_validate(spec).deployments
+    assert deployment.name == "finetune-nightly"
+    assert isinstance(deployment.concurrency_limit, ConcurrencyLimitSpec), "no concurrency_limit mapping"
+    limit = ConcurrencyLimitConfig.model_validate(deployment.concurrency_limit.model_dump(exclude_none=True))
+    assert limit.limit == 1 and limit.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+
+
 # --------------------------------------------------------------------------------------------------
 # Registration checks its own adapter
 
