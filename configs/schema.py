@@ -27,6 +27,8 @@ class _Section(BaseModel):
 
 
 DataFormat = Literal["auto", "alpaca", "chat", "prompt_completion"]
+# Which assistant turns of a conversation carry loss: every one, or only the last (the response).
+TrainOn = Literal["all_assistant", "last_assistant"]
 
 
 class ValidationThresholds(_Section):
@@ -40,6 +42,11 @@ class ValidationThresholds(_Section):
     min_loss_token_share: float = Field(
         0.05, ge=0.0, le=1.0, description="floor for the share of tokens that carry loss (response tokens)"
     )
+    max_unterminated_share: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="share of rows tolerated whose trained assistant turns do not all end with a stop token "
+                    "(a template without an end-of-turn marker, or a turn cut by max_seq_length)",
+    )
     max_duplicate_share: float = Field(0.0, ge=0.0, le=1.0, description="share of duplicated train rows tolerated")
     max_leaked_share: float = Field(0.0, ge=0.0, le=1.0, description="share of eval prompts also in train tolerated")
     max_examples: int = Field(5, ge=0, description="offending rows shown per failed expectation")
@@ -52,6 +59,13 @@ class DataConfig(_Section):
     format: DataFormat = "auto"
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of rows hashed into eval when no eval_path")
     max_seq_length: int = Field(512, ge=8)
+    train_on: TrainOn = Field(
+        "all_assistant", description="assistant turns that carry loss: every one, or only the last (the response)"
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja file overriding the tokenizer's chat template (for base models without one); "
+                          "saved with the adapter's tokenizer, so evaluation and serving render alike"
+    )
     hub_split: str = Field("train", description="split to read when `path` is a hub dataset id")
     validation: ValidationThresholds = ValidationThresholds()
 

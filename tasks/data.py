@@ -2,7 +2,8 @@
 
 Validation, training and evaluation all go through these functions so that the data contract checks
 exactly what training will see. Every supported format is turned into one canonical shape: the
-conversation up to the answer (`prompt_messages`) and the answer itself (`response`).
+conversation up to the answer (`prompt_messages`, earlier assistant turns included) and the answer
+itself (`response`). Rendering and loss masks are `tasks.chat`'s.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs.schema import ConfigError, DataConfig
+from configs.schema import ConfigError, DataConfig, TrainOn
+from tasks.chat import IGNORE_INDEX as IGNORE_INDEX  # re-exported: evaluation imports it from here
+from tasks.chat import EncodedConversation, encode_conversation, render
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -23,9 +26,6 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
 }
 VALID_ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100
-# Used when a tokenizer has no chat template: the Alpaca prompt most base models have seen.
-FALLBACK_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 
 
 class DataError(ValueError):
@@ -40,6 +40,11 @@ class Example:
     response: str
     row: int
     source: str
+
+    @property
+    def messages(self) -> tuple[dict[str, str], ...]:
+        """The whole conversation, the response as its last (assistant) turn: what training renders."""
+        return (*self.prompt_messages, {"role": "assistant", "content": self.response})
 
     @property
     def prompt_key(self) -> str:
@@ -69,6 +74,9 @@ def check_data_files(config: DataConfig) -> None:
     for key, path in (("data.path", config.path), ("data.eval_path", config.eval_path)):
         if path and is_local_path(path) and not Path(path).is_file():
             raise ConfigError(f"{key}: file {path} does not exist; point it at a .jsonl/.csv/.parquet file")
+    if config.chat_template is not None and not Path(config.chat_template).is_file():
+        raise ConfigError(f"data.chat_template: file {config.chat_template} does not exist; point it at a Jinja "
+                          "chat template, or remove the key to use the tokenizer's own")
 
 
 def is_json_file(path: str) -> bool:
@@ -336,8 +344,9 @@ def to_example(row: dict[str, Any], fmt: str, index: int, source: str) -> Exampl
     if fmt == "prompt_completion":
         prompt_value = row.get("prompt")
         if isinstance(prompt_value, list):  # conversational prompt/completion (TRL style)
-            messages = tuple({"role": m["role"], "content": m["content"]} for m in prompt_value)
             completion = row.get("completion")
+            turns = completion[:-1] if isinstance(completion, list) else []  # earlier completion turns
+            messages = tuple({"role": m["role"], "content": m["content"]} for m in [*prompt_value, *turns])
             response = completion[-1]["content"] if isinstance(completion, list) and completion else completion
             if not response or not response.strip():
                 raise DataError(f"{source} row {index}: field 'completion' is missing, null or empty")
@@ -392,23 +401,20 @@ def load_splits(config: DataConfig) -> DatasetSplits:
 
 
 def render_prompt(tokenizer: Any, prompt_messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> str:
-    """The text the model sees before its answer: the chat template when there is one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(prompt_messages), tokenize=False, add_generation_prompt=True)
-    prompt = "\n\n".join(m["content"] for m in prompt_messages)
-    return FALLBACK_TEMPLATE.format(prompt=prompt)
+    """The text the model sees before its answer: the chat template (or the fallback) with the generation prompt."""
+    return render(tokenizer, prompt_messages, add_generation_prompt=True)
 
 
-def tokenize_example(tokenizer: Any, example: Example, max_seq_length: int) -> dict[str, list[int]]:
-    """input_ids and labels with the prompt masked, so loss falls on the response only.
+def encode_example(tokenizer: Any, example: Example, train_on: TrainOn = "all_assistant") -> EncodedConversation:
+    """The whole conversation rendered and tokenized once, with the token ranges that carry loss."""
+    return encode_conversation(tokenizer, example.messages, train_on)
 
-    Prompt and response are tokenized separately: generation starts from exactly these prompt ids,
-    so training and inference see the same token boundary.
+
+def tokenize_example(tokenizer: Any, example: Example, max_seq_length: int,
+                     train_on: TrainOn = "all_assistant") -> dict[str, list[int]]:
+    """input_ids and labels: loss on the assistant turns `train_on` names, each with its end-of-turn token.
+
+    The conversation is rendered with the chat template as a whole, as it is served, and cut to
+    max_seq_length (the data contract reports rows where that cuts a trained turn).
     """
-    prompt_ids = tokenizer(render_prompt(tokenizer, example.prompt_messages), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_seq_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_seq_length]
-    return {"input_ids": input_ids, "labels": labels}
+    return encode_example(tokenizer, example, train_on).features(max_seq_length)

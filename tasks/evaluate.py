@@ -53,7 +53,7 @@ CHAMPION = "champion"
 # ----------------------------------------------------------------------------------------------------
 
 def eval_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_length: int,
-              batch_size: int) -> tuple[float | None, float | None]:
+              batch_size: int, train_on: str = "all_assistant") -> tuple[float | None, float | None]:
     """(mean loss per response token, perplexity) with the prompt masked exactly as in training.
 
     Rows are padded on the right so positions start at 0 as in training; the mean is over all
@@ -64,7 +64,7 @@ def eval_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_lengt
     import torch.nn.functional as F
 
     pin_cpu_4bit_path(model)  # bitsandbytes' packed bf16 CPU path would change the loss on some CPUs
-    features = [tokenize_example(tokenizer, e, max_seq_length) for e in examples]
+    features = [tokenize_example(tokenizer, e, max_seq_length, train_on) for e in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_loss, total_tokens = 0.0, 0
     was_training = model.training
@@ -300,7 +300,8 @@ def _score_system(model: Any, tokenizer: Any, config: PipelineConfig, prompts: l
     outputs = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, ev.do_sample, ev.temperature)
     generation_s = time.perf_counter() - started
     started = time.perf_counter()
-    loss, perplexity = eval_loss(model, tokenizer, examples, config.data.max_seq_length, ev.batch_size)
+    loss, perplexity = eval_loss(model, tokenizer, examples, config.data.max_seq_length, ev.batch_size,
+                                 config.data.train_on)
     loss_s = time.perf_counter() - started
     references = [e.response for e in examples]
     bleu = SacreBleuMetric().compute(predictions=outputs, references=references)

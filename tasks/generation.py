@@ -3,21 +3,27 @@
 Scores are only worth something if the registered model answers exactly as the evaluated one did,
 so there is a single `generate()`: greedy unless sampling is asked for, batches of prompts of
 similar length (less padding) padded on the left (every row ends where generation continues), a
-`GenerationConfig` that names eos and pad itself (the model's own generation defaults are not
-consulted), `torch.inference_mode`, and only the tokens after each prompt decoded.
+`GenerationConfig` that names its stop tokens (the template's end of turn and eos) and pad itself (the
+model's own generation defaults are not consulted), `torch.inference_mode`, and only the tokens after
+each prompt decoded.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from tasks.chat import stop_token_ids
 from tasks.modeling import pin_cpu_4bit_path
 
 DEFAULT_BATCH_SIZE = 16
 
 
 def generation_config(tokenizer: Any, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0) -> Any:
-    """Greedy unless sampling is asked for; the model's own generation defaults are not consulted."""
+    """Greedy unless sampling is asked for; the model's own generation defaults are not consulted.
+
+    Generation stops at the chat template's end-of-turn token (the one training put loss on) as well
+    as at eos: a chat model ends its answer with `<|eot_id|>` or `<|im_end|>`, not with eos.
+    """
     from transformers import GenerationConfig
 
     sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
@@ -25,7 +31,7 @@ def generation_config(tokenizer: Any, max_new_tokens: int, do_sample: bool = Fal
         max_new_tokens=max_new_tokens,
         num_beams=1,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer) or None,
         use_cache=True,
         **sampling,
     )

@@ -52,14 +52,22 @@ def torch_dtype(name: str) -> Any:
 
 
 def load_tokenizer(config: PipelineConfig, source: str | Path | None = None) -> Any:
-    """The tokenizer with a pad token and left padding (decoder-only batched generation needs it)."""
+    """The tokenizer with the pipeline's chat template, a pad token and left padding (batched generation).
+
+    The one place `data.chat_template` is applied (a tokenizer without a template gets the fallback):
+    training saves this tokenizer with the adapter, so evaluation, the registered model and serving
+    render with the template training used.
+    """
     from transformers import AutoTokenizer
+
+    from tasks.chat import apply_template_choice
 
     tokenizer = AutoTokenizer.from_pretrained(
         str(source or config.model.name_or_path),
         revision=None if source else config.model.revision,
         trust_remote_code=config.model.trust_remote_code,
     )
+    apply_template_choice(tokenizer, config.data.chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -218,10 +218,10 @@ def build_lora_model(model: Any, config: PipelineConfig, plan: TrainingPlan) -> 
     return get_peft_model(model, lora)
 
 
-def tokenized_dataset(tokenizer: Any, examples: list, max_seq_length: int) -> Any:
+def tokenized_dataset(tokenizer: Any, examples: list, max_seq_length: int, train_on: str = "all_assistant") -> Any:
     import datasets
 
-    return datasets.Dataset.from_list([tokenize_example(tokenizer, e, max_seq_length) for e in examples])
+    return datasets.Dataset.from_list([tokenize_example(tokenizer, e, max_seq_length, train_on) for e in examples])
 
 
 def data_collator(tokenizer: Any, packing: bool) -> Any:
@@ -374,8 +374,8 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
     record_run_start(checkpoint_dir, setup_hash, run_id, resumed_step)
 
     max_len = config.data.max_seq_length
-    train_data = tokenized_dataset(tokenizer, splits.train, max_len)
-    eval_data = tokenized_dataset(tokenizer, splits.eval, max_len) if splits.eval else None
+    train_data = tokenized_dataset(tokenizer, splits.train, max_len, config.data.train_on)
+    eval_data = tokenized_dataset(tokenizer, splits.eval, max_len, config.data.train_on) if splits.eval else None
     steps = planned_steps(config, plan, len(train_data))
     trainer = Trainer(
         model=model,
