@@ -37,7 +37,7 @@ def validate_data(config: PipelineConfig, data_path: str | None = None) -> Valid
         raise ConfigError(f"model.name_or_path: cannot load the tokenizer of '{config.model.name_or_path}': {exc}") \
             from exc
     table = build_table(config, files, tokenizer)
-    checks = suite_checks(config, table.file_format)
+    checks = suite_checks(config, table.file_format, table.stop_tokens)
     suite_result, docs = run_suite(config, table.frame, checks)
     by_name = {evr.expectation_config.meta["name"]: evr for evr in suite_result.results}
     max_examples = data_cfg.validation.max_examples

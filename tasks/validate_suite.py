@@ -36,8 +36,11 @@ class Check:
     detail: str | None = None  # how an offending row is described in examples
 
 
-def suite_checks(config: PipelineConfig, file_format: str | None) -> list[Check]:
-    """The suite's checks for this config, in report order; thresholds from `data.validation`."""
+def suite_checks(config: PipelineConfig, file_format: str | None, stop_tokens: list[str] | None = None) -> list[Check]:
+    """The suite's checks for this config, in report order; thresholds from `data.validation`.
+
+    `stop_tokens` are the tokens generation stops at (the template's end of turn, eos), for the report.
+    """
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
 
@@ -76,6 +79,11 @@ def suite_checks(config: PipelineConfig, file_format: str | None) -> list[Check]
                f"<= {max_len} tokens; over it at most {share(thresholds.max_overlong_share)} of rows",
                gxe.ExpectColumnValuesToBeBetween(column="token_length", max_value=max_len,
                                                  mostly=1.0 - thresholds.max_overlong_share), "tokens"),
+        Check("turns_end_with_stop_token",
+               f"every trained assistant turn ({config.data.train_on}) ends with a token generation stops at "
+               f"({', '.join(stop_tokens or []) or 'none'}), within data.max_seq_length; otherwise at most "
+               f"{share(thresholds.max_unterminated_share)} of rows",
+               in_set("stops_ok", [True], mostly=1.0 - thresholds.max_unterminated_share), "stops"),
         Check("loss_token_share", f"mean share of tokens carrying loss >= {thresholds.min_loss_token_share:g}",
                gxe.ExpectColumnMeanToBeBetween(column="loss_share", min_value=thresholds.min_loss_token_share),
                "loss"),
@@ -152,6 +160,8 @@ def _detail(kind: str | None, row: Any) -> str:
         return _snippet(row["template_error"])
     if kind == "tokens":
         return f"{int(row['token_length'])} tokens"
+    if kind == "stops":
+        return _snippet(row["stop_error"], 3 * SNIPPET)
     if kind == "loss":
         return f"loss share {row['loss_share']:.2f}"
     return _snippet(f'prompt "{row["prompt_key"]}"')

@@ -8,16 +8,15 @@ stable-hash split; `tasks.validate_suite` checks those columns with GX. A null i
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from configs.schema import ConfigError, PipelineConfig
+from tasks.chat import IGNORE_INDEX, chat_format, termination_problem
 from tasks.data import (
     FORMAT_FIELDS,
-    IGNORE_INDEX,
     LOCAL_SUFFIXES,
     VALID_ROLES,
     DataError,
@@ -25,6 +24,7 @@ from tasks.data import (
     TypeProblem,
     detect_format,
     detect_row_format,
+    encode_example,
     fingerprint,
     in_eval_split,
     is_json_file,
@@ -34,7 +34,6 @@ from tasks.data import (
     render_prompt,
     text_type_problems,
     to_example,
-    tokenize_example,
 )
 
 UNREADABLE = "unreadable"  # the fingerprint where training could not load the data
@@ -180,19 +179,22 @@ def _flagged(checks: dict[str, Any]) -> bool:
     )
 
 
-def _tokens(tokenizer: Any, example: Example, max_seq_length: int) -> dict[str, Any]:
-    """Template, full token length and loss-token share, through training's own tokenize_example."""
+def _tokens(tokenizer: Any, example: Example, config: PipelineConfig) -> dict[str, Any]:
+    """Template, full token length, loss-token share and whether every trained turn ends with a stop
+    token, through training's own encoding (`tasks.data.encode_example`)."""
     try:
         prompt = render_prompt(tokenizer, example.prompt_messages)
         if not prompt.strip():
             raise ValueError("the template rendered an empty prompt")
-        ids = tokenize_example(tokenizer, example, sys.maxsize)
+        encoded = encode_example(tokenizer, example, config.data.train_on)
     except Exception as exc:  # jinja raises anything (raise_exception, TypeError, UndefinedError...)
         return {"template_ok": False, "template_error": f"{type(exc).__name__}: {exc}"}
-    labels = ids["labels"][:max_seq_length]
+    max_seq_length = config.data.max_seq_length
+    labels = encoded.features(max_seq_length)["labels"]
     share = sum(label != IGNORE_INDEX for label in labels) / len(labels) if labels else 0.0
-    return {"template_ok": True, "template_error": "", "token_length": float(len(ids["input_ids"])),
-            "loss_share": share}
+    problem = termination_problem(tokenizer, encoded, max_seq_length)
+    return {"template_ok": True, "template_error": "", "token_length": float(len(encoded.input_ids)),
+            "loss_share": share, "stops_ok": problem is None, "stop_error": problem or ""}
 
 
 @dataclass
@@ -203,6 +205,7 @@ class Table:
     file_format: str | None
     fingerprint: str
     row_counts: dict[str, int]
+    stop_tokens: list[str]  # what generation stops at (the template's end-of-turn token, eos)
 
 
 def build_table(config: PipelineConfig, files: dict[str, list[Record]], tokenizer: Any) -> Table:
@@ -248,7 +251,7 @@ def build_table(config: PipelineConfig, files: dict[str, list[Record]], tokenize
                 train_keys.add(example.prompt_key)
             examples[row["split"]].append(example)
             row["prompt_key"] = example.prompt_key
-            row.update(_tokens(tokenizer, example, data_cfg.max_seq_length))
+            row.update(_tokens(tokenizer, example, config))
 
     for row in rows:
         key = row.get("prompt_key")
@@ -257,8 +260,8 @@ def build_table(config: PipelineConfig, files: dict[str, list[Record]], tokenize
 
     columns = ["rid", "source", "file", "line", "row", "split", "parse_ok", "parse_error", "format", "fields_ok",
                "missing", "types_ok", "type_error", "prompt_text", "response_text", "roles", "roles_ok", "alternates",
-               "ends_assistant", "template_ok", "template_error", "token_length", "loss_share", "prompt_key",
-               "train_prompt_key", "leaked"]
+               "ends_assistant", "template_ok", "template_error", "token_length", "loss_share", "stops_ok",
+               "stop_error", "prompt_key", "train_prompt_key", "leaked"]
     frame = pd.DataFrame.from_records(rows, columns=columns)
     for column in ("token_length", "loss_share"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
@@ -267,7 +270,8 @@ def build_table(config: PipelineConfig, files: dict[str, list[Record]], tokenize
 
     digest = _fingerprint(config, files, examples)
     counts = {"rows": len(frame), "train": len(examples["train"]), "eval": len(examples["eval"])}
-    return Table(frame, file_format, digest, counts)
+    stop_tokens = tokenizer.convert_ids_to_tokens(list(chat_format(tokenizer).stop_ids))
+    return Table(frame, file_format, digest, counts, stop_tokens)
 
 
 def _fingerprint(config: PipelineConfig, files: dict[str, list[Record]], examples: dict[str, list[Example]]) -> str:

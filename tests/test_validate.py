@@ -64,7 +64,7 @@ def test_demo_dataset_passes_and_fingerprints_what_training_sees(make_config) ->
     assert result.format == "alpaca"
     assert require_valid(result) is result
     payload = json.loads(json.dumps(result.to_dict()))
-    assert payload["success"] is True and len(payload["expectations"]) == 16
+    assert payload["success"] is True and len(payload["expectations"]) == 17
     entry = result.expectation("length_within_max_seq_length")
     assert entry["expectation_type"] == "expect_column_values_to_be_between"
     assert "| `no_eval_leakage` | pass |" in result.markdown()
@@ -243,11 +243,39 @@ def test_overlong_rows_fail_above_the_tolerated_share(check) -> None:
     long_input = " ".join(["red cat runs near the old river"] * 12)
     long_row = {"instruction": "Rewrite this in Zorbish.", "input": long_input, "output": "tog " * 40}
     rows = [*TRAIN[:4], long_row, *TRAIN[4:8], {**long_row, "input": long_input + " again"}, *TRAIN[8:]]
-    strict = check(rows, "data.validation.max_overlong_share=0.1")  # 2 of 16 rows = 12.5%
+    # 2 of 16 rows = 12.5%; cut at max_seq_length, their responses also lose their stop token
+    strict = check(rows, "data.validation.max_overlong_share=0.1", "data.validation.max_unterminated_share=0.15")
     assert failed(strict) == {"length_within_max_seq_length"}
     assert example_lines(strict, "length_within_max_seq_length") == [5, 10]
     assert strict.expectation("length_within_max_seq_length")["unexpected_count"] == 2
-    tolerant = check(rows, "data.validation.max_overlong_share=0.15")
+    tolerant = check(rows, "data.validation.max_overlong_share=0.15", "data.validation.max_unterminated_share=0.15")
+    assert tolerant.success, tolerant.markdown()
+
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
+
+
+def test_a_template_without_an_end_of_turn_token_fails_the_stop_check(check) -> None:
+    """Rendered with a template that ends turns with plain text, no trained response ends with a token
+    generation stops at: the model would learn to run on until max_new_tokens."""
+    assert check(TRAIN).success  # the same rows with the demo's template, which ends turns with <|end|>
+    result = check(TRAIN, f"data.chat_template={TEMPLATES / 'no_end_of_turn.jinja'}")
+    assert failed(result) == {"turns_end_with_stop_token"}, result.markdown()
+    entry = result.expectation("turns_end_with_stop_token")
+    assert entry["unexpected_count"] == len(TRAIN) + len(EVAL)
+    assert "generation stops at (<|end|>)" in entry["expected"]
+    assert "not with a stop token (<|end|>)" in entry["examples"][0]["detail"]
+    assert "data.chat_template" in entry["examples"][0]["detail"]  # the fix
+
+
+def test_a_response_cut_by_max_seq_length_fails_the_stop_check_unless_tolerated(check) -> None:
+    long_row = {**TRAIN[3], "output": " ".join([TRAIN[3]["output"]] * 20)}
+    rows = [*TRAIN[:3], long_row, *TRAIN[4:]]  # line 4; 1 of 16 rows = 6.25%
+    strict = check(rows, "data.validation.max_overlong_share=0.1")  # the length check tolerates the row
+    assert failed(strict) == {"turns_end_with_stop_token"}, strict.markdown()
+    assert example_lines(strict, "turns_end_with_stop_token") == [4]
+    assert "cut by data.max_seq_length=64" in strict.expectation("turns_end_with_stop_token")["examples"][0]["detail"]
+    tolerant = check(rows, "data.validation.max_overlong_share=0.1", "data.validation.max_unterminated_share=0.1")
     assert tolerant.success, tolerant.markdown()
 
 
