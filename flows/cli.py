@@ -180,8 +180,9 @@ def register_command(
     """Register the adapter as a new model version: `challenger` always, `champion` only when it wins."""
     from configs.schema import ConfigError
     from tasks.evaluate import REPORT_FILE
-    from tasks.register import TrackingServerUnreachable, register_adapter
+    from tasks.register import register_adapter
     from tasks.run_lock import hold_output_dir
+    from tasks.tracking import TrackingServerUnreachable
 
     cfg = load(config, set_)
     report_path = report or Path(cfg.training.output_dir) / "evaluation" / REPORT_FILE
@@ -217,7 +218,7 @@ def predict_command(
     as_json: Annotated[bool, typer.Option("--json", help="print [{prompt, completion}] as JSON")] = False,
 ) -> None:
     """Print completions from a registered adapter (its base model is loaded from the recorded reference)."""
-    from tasks.register import load_registered_model
+    from tasks.registry import load_registered_model
 
     loaded = load_registered_model(load(config, set_), model, base_model_path)
     params = {"max_new_tokens": max_new_tokens} if max_new_tokens else None

@@ -35,7 +35,8 @@ from configs.schema import ConfigError, PipelineConfig, load_config
 from tasks.data import DataError, is_local_path, load_splits
 from tasks.evaluate import EvalReport, evaluate_adapter
 from tasks.gpu import TrainingPlan, check_gpu
-from tasks.register import RegistrationResult, champion_adapter_for, register_adapter
+from tasks.register import RegistrationResult, register_adapter
+from tasks.registry import champion_adapter_for
 from tasks.run_lock import hold_output_dir
 from tasks.tracking import (
     MlflowTrainingCallback,

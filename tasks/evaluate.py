@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs.schema import ConfigError, PipelineConfig
+from configs.schema import PipelineConfig
+from tasks.adapter import check_adapter_base, check_adapter_modules, read_adapter_config
 from tasks.data import IGNORE_INDEX, DataError, DatasetSplits, Example, render_prompt, tokenize_example
 from tasks.formatting import format_p_value
 from tasks.generation import generate
 from tasks.gpu import TrainingPlan
 from tasks.modeling import (
-    hash_directory,
-    linear_module_names,
     load_base_model,
     load_tokenizer,
     pin_cpu_4bit_path,
@@ -40,8 +38,6 @@ from tasks.modeling import (
 REPORT_FILE = "eval_report.json"
 SUMMARY_FILE = "eval_summary.md"
 SAMPLES_FILE = "eval_samples.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METRIC_KEYS = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum")
 METRIC_LABELS = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
                  "rougeLsum": "ROUGE-Lsum"}
@@ -89,100 +85,6 @@ def eval_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_lengt
         return None, None
     loss = total_loss / total_tokens
     return loss, math.exp(loss) if loss < 700 else None  # None, not inf: the report stays strict JSON
-
-
-# ----------------------------------------------------------------------------------------------------
-# Adapter checks
-# ----------------------------------------------------------------------------------------------------
-
-def read_adapter_config(adapter_dir: str | Path, option: str = "--adapter") -> dict[str, Any]:
-    """adapter_config.json of a peft adapter folder; ConfigError naming the option when it is not one."""
-    text = str(adapter_dir)
-    if text.startswith("models:/"):
-        raise ConfigError(f"{option} {text}: a registry URI; download the adapter first and pass its folder")
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"{option} {adapter_dir}: no {ADAPTER_CONFIG} there; pass a folder written by `qlora train` "
-                          "(<training.output_dir>/adapter) or by peft's save_pretrained")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{option} {adapter_dir}: {ADAPTER_CONFIG} is not valid JSON: {exc}") from exc
-
-
-def _same_base(recorded: str, configured: str) -> bool:
-    if recorded == configured:
-        return True
-    recorded_path, configured_path = Path(recorded), Path(configured)
-    if recorded_path.is_dir() and configured_path.is_dir():
-        if recorded_path.resolve() == configured_path.resolve():
-            return True
-        return hash_directory(recorded_path) == hash_directory(configured_path)  # a copy of the same model
-    return False
-
-
-def check_adapter_base(adapter_config: dict[str, Any], config: PipelineConfig, adapter_dir: str | Path,
-                       option: str = "--adapter") -> None:
-    """The adapter was trained on the configured base (same id, same folder or an identical copy)."""
-    if adapter_config.get("peft_type") not in (None, "LORA"):
-        raise ConfigError(f"{option} {adapter_dir}: peft_type {adapter_config.get('peft_type')!r}; "
-                          "evaluation loads LoRA adapters only")
-    recorded = adapter_config.get("base_model_name_or_path")
-    if recorded and not _same_base(str(recorded), config.model.name_or_path):
-        raise ConfigError(
-            f"{option} {adapter_dir} was trained on base '{recorded}' but model.name_or_path is "
-            f"'{config.model.name_or_path}'; evaluate it with the base it was trained on "
-            f"(--set model.name_or_path={recorded})"
-        )
-
-
-def check_adapter_modules(model: Any, adapter_config: dict[str, Any], adapter_dir: str | Path,
-                          option: str = "--adapter") -> None:
-    """Every module the adapter targets exists in the base, with the shapes the adapter was trained on."""
-    targets = adapter_config.get("target_modules")
-    module_names = [name for name, _ in model.named_modules() if name]
-    available = linear_module_names(model)
-    if isinstance(targets, str) and targets != "all-linear":
-        if not any(re.fullmatch(targets, name) for name in module_names):
-            raise ConfigError(f"{option} {adapter_dir}: target_modules pattern {targets!r} matches no module of "
-                              f"{model.config.name_or_path}; its linear modules are {available}")
-    elif isinstance(targets, list):
-        missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in module_names)]
-        if missing:
-            raise ConfigError(
-                f"{option} {adapter_dir} does not fit base {model.config.name_or_path}: target modules {missing} "
-                f"not found in the base (architecture {model.config.model_type}); its linear modules are {available}"
-            )
-    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
-    if weights.is_file():
-        _check_adapter_shapes(model, weights, adapter_dir, option)
-
-
-def _check_adapter_shapes(model: Any, weights: Path, adapter_dir: str | Path, option: str) -> None:
-    from safetensors import safe_open
-
-    problems: list[str] = []
-    with safe_open(str(weights), framework="pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-            match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
-            if not match:
-                continue
-            path, part = match.groups()
-            try:
-                module = model.get_submodule(path)
-            except AttributeError:
-                problems.append(f"{path} (no such module in the base)")
-                continue
-            shape = handle.get_slice(key).get_shape()
-            in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
-            if part == "A" and in_features is not None and shape[1] != in_features:
-                problems.append(f"{path} (adapter input size {shape[1]}, base {in_features})")
-            if part == "B" and out_features is not None and shape[0] != out_features:
-                problems.append(f"{path} (adapter output size {shape[0]}, base {out_features})")
-    if problems:
-        shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ConfigError(f"{option} {adapter_dir} does not fit base {model.config.name_or_path} "
-                          f"(different architecture?): {shown}")
 
 
 # ----------------------------------------------------------------------------------------------------

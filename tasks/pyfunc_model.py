@@ -14,7 +14,7 @@ Options at load time, through `mlflow.pyfunc.load_model(uri, model_config={...})
   float32 on the CPU;
 - `max_new_tokens`, `batch_size`: generation defaults (`max_new_tokens` may also be a predict param).
 
-The model is logged as a "model from code" (tasks.register.MODEL_CODE, no pickle), with this
+The model is logged as a "model from code" (tasks.registry.MODEL_CODE, no pickle), with this
 project's `tasks` and `configs` packages shipped as its code (`code_paths`), so a fresh process
 needs only the pip requirements recorded with it, not this repository.
 """

@@ -2,9 +2,10 @@
 
 Checkpoints go to `<output_dir>/checkpoints` and a rerun with the same output dir resumes from the
 last one. The finished adapter is written to a temporary folder and swapped into
-`<output_dir>/adapter` in one rename, so a crash never leaves a half-written adapter in place of a
-good one. Its content hash goes into `train_summary.json`, so registration can prove it uploads the
-adapter this training wrote. The run holds the output dir (`tasks.run_lock`) while it works in it.
+`<output_dir>/adapter` in one rename (`tasks.adapter.write_adapter`), so a crash never leaves a
+half-written adapter in place of a good one. Its content hash goes into `train_summary.json`, so
+registration can prove it uploads the adapter this training wrote. The run holds the output dir
+(`tasks.run_lock`) while it works in it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from configs.schema import PipelineConfig
+from tasks.adapter import adapter_dir_for, write_adapter
 from tasks.data import DatasetSplits, tokenize_example
 from tasks.gpu import TrainingPlan
 from tasks.modeling import (
@@ -35,10 +35,7 @@ from tasks.modeling import (
 )
 from tasks.run_lock import hold_output_dir
 
-ADAPTER_DIRNAME = "adapter"
 CHECKPOINT_DIRNAME = "checkpoints"
-SUMMARY_FILE = "train_summary.json"
-CONFIG_FILE = "pipeline_config.yaml"
 INITIAL_EVAL_FILE = "initial_eval.json"
 RUN_FILE = "training_run.json"
 
@@ -58,7 +55,7 @@ class TrainSummary:
     peak_memory_bytes: int
     trainable_params: int
     plan: dict[str, Any] = field(default_factory=dict)
-    adapter_sha256: str = ""  # adapter_content_hash of the written adapter folder
+    adapter_sha256: str = ""  # tasks.adapter.adapter_content_hash of the written adapter folder
     resumed_from_run: str | None = None  # MLflow run that wrote the checkpoint this run resumed from
 
 
@@ -67,10 +64,6 @@ class TrainResult:
     adapter_dir: Path
     summary: TrainSummary
     model: Any = None  # the in-memory PeftModel, only when asked for (tests); else released
-
-
-def adapter_dir_for(config: PipelineConfig) -> Path:
-    return Path(config.training.output_dir) / ADAPTER_DIRNAME
 
 
 def last_checkpoint(checkpoint_dir: Path) -> str | None:
@@ -292,41 +285,6 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def adapter_content_hash(adapter_dir: str | Path) -> str:
-    """SHA-256 over every file of an adapter folder (relative name and content), except the training
-    summary, which records this hash. Weights, adapter config, tokenizer and resolved config all count:
-    any of them changing changes what a registered version would serve."""
-    folder = Path(adapter_dir)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMMARY_FILE):
-        content = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                content.update(chunk)
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{content.hexdigest()}\n".encode())
-    return digest.hexdigest()
-
-
-def write_adapter(model: Any, tokenizer: Any, config: PipelineConfig, summary: TrainSummary, target: Path) -> None:
-    """Write to a sibling temp dir, then swap it in: readers see the old adapter or the new, never half.
-
-    The content hash is taken of the finished files and set on `summary` before the summary is written.
-    """
-    staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(str(staging))
-    (staging / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    summary.adapter_sha256 = adapter_content_hash(staging)
-    (staging / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
-    previous = target.with_name(f".{target.name}.previous-{os.getpid()}")
-    if target.exists():
-        target.rename(previous)
-    staging.rename(target)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def train(
     config: PipelineConfig,
     plan: TrainingPlan,
@@ -411,7 +369,7 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
         resumed_from_run=resumed_from_run,
     )
     adapter_dir = adapter_dir_for(config)
-    write_adapter(model, tokenizer, config, summary, adapter_dir)
+    summary.adapter_sha256 = write_adapter(model, tokenizer, config, asdict(summary), adapter_dir)
     mark_completed(checkpoint_dir, setup_hash)
     result = TrainResult(adapter_dir=adapter_dir, summary=summary, model=model if keep_model else None)
     del trainer, model

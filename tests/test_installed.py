@@ -78,7 +78,8 @@ import mlflow
 import configs, flows.cli, tasks
 from configs.paths import default_config_path, project_dir
 from configs.schema import load_config
-from tasks.register import git_commit, model_code_paths
+from tasks.register import git_commit
+from tasks.registry import model_code_paths
 from tasks.tracking import artifact_location, client_for, resolve_tracking_uri, sqlite_path
 
 config = load_config(None, sys.argv[1:])
@@ -215,7 +216,8 @@ def test_without_any_config_the_error_names_the_option(monkeypatch, tmp_path) ->
 
 def test_git_lineage_comes_only_from_the_checkout_holding_the_code(monkeypatch, tmp_path) -> None:
     import configs.paths
-    from tasks.register import git_commit, model_code_paths
+    from tasks.register import git_commit
+    from tasks.registry import model_code_paths
 
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
     if head.returncode == 0:  # running from a checkout: its commit

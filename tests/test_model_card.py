@@ -16,7 +16,8 @@ def test_model_card_prints_p_values_as_the_evaluation_report_does(tmp_path) -> N
     from tasks.evaluate import EvalReport
     from tasks.formatting import format_p_value
     from tasks.metrics import paired_bootstrap_bleu
-    from tasks.register import decide_promotion, model_card
+    from tasks.promotion import decide_promotion
+    from tasks.register import model_card
 
     references = [f"zel vobip {word} ka" for word in ("red", "blue", "cat", "dog", "runs", "sleeps", "big", "old")]
     base_outputs = [f"the {word} one" for word in ("red", "blue", "cat", "dog", "runs", "sleeps", "big", "old")]

@@ -1,7 +1,7 @@
 """Registration into a real MLflow registry (sqlite in tmp_path, and a real `mlflow server` over HTTP).
 
-The promotion rule is a pure function tested on constructed evaluation reports; everything else
-registers the real adapter of the shared short QLoRA run.
+Every test registers the real adapter of the shared short QLoRA run; the promotion rule itself, a
+pure function, is table-tested in tests/test_promotion.py.
 """
 
 from __future__ import annotations
@@ -47,55 +47,6 @@ def alias_version(config, alias: str) -> str | None:
 def versions(config) -> list[str]:
     found = client(config).search_model_versions(f"name='{config.registry.model_name}'")
     return sorted((str(v.version) for v in found), key=int)
-
-
-# --------------------------------------------------------------------------------------------------
-# The promotion rule, pure
-
-
-@pytest.mark.parametrize(
-    ("report", "has_champion", "promote", "reason"),
-    [
-        (dict(), False, True, "no champion yet: the first promotion needs only to beat the base"),
-        (dict(significant=False), False, False, "is not significant"),
-        (dict(adapter=1.5), False, False, "bleu does not beat base"),
-        (dict(rouge_drop=80.0), False, False, "guard rougeL drops"),  # rougeL below base by more than 1 point
-        (dict(champion=70.0), True, True, "bleu beats champion"),
-        (dict(champion=85.0), True, False, "bleu does not beat champion"),
-        (dict(champion=79.0, significant_vs_champion=False), True, False, "is not significant"),
-        (dict(champion=70.0, rouge_drop=12.0), True, False, "guard rougeL drops 2.00 points vs champion"),
-        (dict(champion=70.0, vs_champion=False), True, False, "did not compare against it"),
-        # a first version is judged against the base only, whatever else the report holds
-        (dict(champion=95.0), False, True, "no champion yet"),
-    ],
-)
-def test_promotion_rule(report, has_champion, promote, reason) -> None:
-    from configs.schema import RegistryConfig
-    from tasks.register import decide_promotion
-
-    decision = decide_promotion(make_eval_report(**report), RegistryConfig(), has_champion=has_champion)
-    assert decision.promote is promote, decision.reasons
-    assert any(reason in r for r in decision.reasons), decision.reasons
-    assert decision.numbers["primary_metric"] == "bleu"
-    assert decision.numbers["bleu_delta_vs_base"] == pytest.approx(make_eval_report(**report)["systems"]["adapter"]
-                                                                   ["bleu"] - 2.0)
-
-
-def test_promotion_rule_follows_the_configured_metric_and_tolerance() -> None:
-    from configs.schema import RegistryConfig
-    from tasks.register import decide_promotion
-
-    report = make_eval_report(rouge_drop=79.0)  # adapter rougeL 1.0 vs base 2.0: a drop of exactly 1 point
-    assert decide_promotion(report, RegistryConfig(guard_metrics={"rougeL": 1.0}), False).promote
-    assert not decide_promotion(report, RegistryConfig(guard_metrics={"rougeL": 0.5}), False).promote
-    # an evaluation that compared against another version than today's champion is stale
-    stale = {**make_eval_report(champion=60.0), "champion_adapter": "/out/champion/demo-qlora-adapter-v3"}
-    assert decide_promotion(stale, RegistryConfig(), True, champion_version="3").promote
-    outdated = decide_promotion(stale, RegistryConfig(), True, champion_version="4")
-    assert not outdated.promote and "compared against version 3" in " ".join(outdated.reasons)
-    missing = decide_promotion(report, RegistryConfig(primary_metric="rouge1"), False)
-    assert not missing.promote and "no paired comparison" in " ".join(missing.reasons)
-    assert not decide_promotion({"systems": {}}, RegistryConfig(), False).promote
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +165,8 @@ def test_loading_refuses_a_missing_or_changed_base_model(trained, registry_confi
 
 
 def test_champion_moves_only_for_a_significantly_better_adapter(trained, registry_config) -> None:
-    from tasks.register import register_adapter, resolve_champion_adapter
+    from tasks.register import register_adapter
+    from tasks.registry import resolve_champion_adapter
 
     adapter = trained[3].adapter_dir
     registry_config.registry.log_input_example = False  # the fresh-process test covers loading
@@ -320,7 +272,9 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def test_unreachable_server_fails_cleanly_and_the_retry_succeeds(trained, registry_config, mlflow_store_template,
                                                                   tmp_path) -> None:
-    from tasks.register import TrackingServerUnreachable, register_adapter, resolve_champion_adapter
+    from tasks.register import register_adapter
+    from tasks.registry import resolve_champion_adapter
+    from tasks.tracking import TrackingServerUnreachable
 
     adapter = trained[3].adapter_dir
     before = file_hashes(adapter)

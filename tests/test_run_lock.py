@@ -165,9 +165,9 @@ def tiny_adapter(make_config, mlflow_uri, tmp_path):
 
 
 def test_registration_refuses_an_adapter_changed_after_training(tiny_adapter) -> None:
-    from tasks.register import AdapterChanged, register_adapter
+    from tasks.adapter import SUMMARY_FILE, AdapterChanged, adapter_content_hash
+    from tasks.register import register_adapter
     from tasks.tracking import client_for
-    from tasks.train import SUMMARY_FILE, adapter_content_hash
     from tests.conftest import make_eval_report
 
     config, result = tiny_adapter
@@ -302,8 +302,9 @@ def test_two_runs_on_one_output_folder_the_second_is_refused_the_first_registers
     import mlflow
 
     from flows.finetune import finetune_flow
+    from tasks.adapter import CONFIG_FILE, SUMMARY_FILE, adapter_content_hash
     from tasks.run_lock import LOCK_FILE, OutputDirInUse, read_holder
-    from tasks.train import CHECKPOINT_DIRNAME, CONFIG_FILE, RUN_FILE, SUMMARY_FILE, adapter_content_hash
+    from tasks.train import CHECKPOINT_DIRNAME, RUN_FILE
 
     out, log = tmp_path / "out", tmp_path / "run1.log"
     first = start_qlora_run(pipeline_overrides("training.learning_rate=3e-3"), log)

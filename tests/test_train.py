@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from tasks.adapter import CONFIG_FILE, SUMMARY_FILE
 from tasks.data import load_splits
 from tasks.gpu import check_gpu
-from tasks.train import CHECKPOINT_DIRNAME, CONFIG_FILE, SUMMARY_FILE, train
+from tasks.train import CHECKPOINT_DIRNAME, train
 
 
 def test_lora_targets_are_real_4bit_layers(trained) -> None:
