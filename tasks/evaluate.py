@@ -27,6 +27,7 @@ from tasks.data import IGNORE_INDEX, DataError, DatasetSplits, Example, render_p
 from tasks.formatting import format_p_value
 from tasks.generation import generate
 from tasks.gpu import TrainingPlan
+from tasks.json_values import JsonDataclass
 from tasks.modeling import (
     hash_directory,
     linear_module_names,
@@ -190,8 +191,11 @@ def _check_adapter_shapes(model: Any, weights: Path, adapter_dir: str | Path, op
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass
-class EvalReport:
-    """What evaluation found; `to_dict()` is the JSON shape registration and the flow read."""
+class EvalReport(JsonDataclass):
+    """What evaluation found; `to_dict()` is its JSON (eval_report.json), `from_json` reads it back."""
+
+    READ_ERROR = ConfigError
+    WRITTEN_BY = "qlora evaluate --adapter DIR"
 
     n_samples: int
     generation: dict[str, Any]
@@ -203,6 +207,7 @@ class EvalReport:
     wall_time_s: float
     adapter_dir: str = ""
     champion_adapter: str | None = None
+    dataset_fingerprint: str = ""  # of the splits evaluated on (tasks.data.fingerprint), for lineage
     outputs: dict[str, list[str]] = field(default_factory=dict, repr=False)  # every output, not in the JSON
 
     def to_dict(self) -> dict[str, Any]:
@@ -393,5 +398,6 @@ def evaluate_adapter(config: PipelineConfig, plan: TrainingPlan, splits: Dataset
         wall_time_s=time.perf_counter() - started,
         adapter_dir=str(adapter_dir),
         champion_adapter=str(champion_adapter) if champion_adapter else None,
+        dataset_fingerprint=splits.fingerprint,
         outputs=outputs,
     )
