@@ -74,16 +74,16 @@ def load(config: Path | None, overrides: list[str] | None):  # -> PipelineConfig
     return load_config(config, overrides or [])
 
 
-def stage_inputs(cfg: PipelineConfig) -> tuple[DatasetSplits, TrainingPlan]:
-    """What a stage command needs before its stage runs, as the flow gives it: the data read once and
-    the plan for this machine (printed, as the flow logs it)."""
+def stage_inputs(cfg: PipelineConfig) -> tuple[TrainingPlan, DatasetSplits]:
+    """What a stage command needs before its stage runs, as the flow gives it: the plan for this
+    machine (printed, as the flow logs it) and the data, read once; in the order the stages take them."""
     from tasks.data import load_splits
     from tasks.gpu import check_gpu
 
     splits = load_splits(cfg.data)
     _, plan = check_gpu(cfg)
     console.print(f"plan: {plan.summary()}")
-    return splits, plan
+    return plan, splits
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -160,7 +160,8 @@ def train_command(config: ConfigOption = None, set_: SetOption = None) -> None:
 
     cfg = load(config, set_)
     with hold_output_dir(cfg.training):
-        result = train(cfg, *stage_inputs(cfg))
+        plan, splits = stage_inputs(cfg)
+        result = train(cfg, plan, splits)
     s = result.summary
     console.print(
         f"adapter: {result.adapter_dir}\nsteps {s.global_step} (resumed from {s.resumed_from_step}), "
@@ -180,7 +181,7 @@ def evaluate_command(
     from tasks.evaluate import evaluate_adapter
 
     cfg = load(config, set_)
-    splits, plan = stage_inputs(cfg)
+    plan, splits = stage_inputs(cfg)
     report = evaluate_adapter(cfg, plan, splits, adapter, champion_adapter=champion or cfg.evaluation.champion_adapter)
     paths = report.save(out or Path(cfg.training.output_dir) / "evaluation")
     print(report.markdown())
