@@ -12,11 +12,16 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:  # the CLI imports the pipeline lazily, per command, so that `qlora --help` starts fast
+    from configs.schema import PipelineConfig
+    from tasks.data import DatasetSplits
+    from tasks.gpu import TrainingPlan
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,10 +60,40 @@ def pipeline_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare `qlora NAME`: a typer command whose known pipeline errors are one red line (`pipeline_errors`)."""
+    def declare(func: Callable[..., Any]) -> Callable[..., Any]:
+        return app.command(name)(pipeline_errors(func))
+
+    return declare
+
+
 def load(config: Path | None, overrides: list[str] | None):  # -> PipelineConfig
     from configs.schema import load_config
 
     return load_config(config, overrides or [])
+
+
+def stage_inputs(cfg: PipelineConfig) -> tuple[TrainingPlan, DatasetSplits]:
+    """What a stage command needs before its stage runs, as the flow gives it: the plan for this
+    machine (printed, as the flow logs it) and the data, read once; in the order the stages take them."""
+    from tasks.data import load_splits
+    from tasks.gpu import check_gpu
+
+    splits = load_splits(cfg.data)
+    _, plan = check_gpu(cfg)
+    console.print(f"plan: {plan.summary()}")
+    return plan, splits
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Fail in seconds on what would fail a flow run later (after a Prefect server started, or at 2 am):
+    the data files are missing, or an http(s) tracking server does not answer."""
+    from tasks.data import check_data_files
+    from tasks.tracking import check_tracking_server, resolve_tracking_uri
+
+    check_data_files(cfg.data)
+    check_tracking_server(resolve_tracking_uri(cfg))
 
 
 def flow_config_path(config: Path | None) -> str:
@@ -69,8 +104,7 @@ def flow_config_path(config: Path | None) -> str:
     return str(config or default_config_path())
 
 
-@app.command("demo-assets")
-@pipeline_errors
+@command("demo-assets")
 def demo_assets_command(
     out_dir: Annotated[Path, typer.Option(help="where the dataset and model go")] = Path(".cache/demo"),
     seed: Annotated[int, typer.Option(help="same seed, same files")] = 0,
@@ -83,8 +117,7 @@ def demo_assets_command(
     console.print(f"demo data: {assets.data_path}\ndemo base model: {assets.model_dir}")
 
 
-@app.command("validate")
-@pipeline_errors
+@command("validate")
 def validate_command(
     data_path: Annotated[str | None, typer.Argument(help="data file or hub id (default: data.path)")] = None,
     config: ConfigOption = None,
@@ -103,8 +136,7 @@ def validate_command(
                   markup=False)
 
 
-@app.command("check-gpu")
-@pipeline_errors
+@command("check-gpu")
 def check_gpu_command(config: ConfigOption = None, set_: SetOption = None,
                       as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Report the hardware and the training plan for the config, or why it cannot run."""
@@ -118,22 +150,17 @@ def check_gpu_command(config: ConfigOption = None, set_: SetOption = None,
     console.print(plan.markdown(), markup=False)
 
 
-@app.command("train")
-@pipeline_errors
+@command("train")
 def train_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Train the LoRA adapter (QLoRA where the plan says so); resumes from the last checkpoint.
 
     Refused at once when another run holds training.output_dir (see training.output_dir_lock)."""
-    from tasks.data import load_splits
-    from tasks.gpu import check_gpu
     from tasks.run_lock import hold_output_dir
     from tasks.train import train
 
     cfg = load(config, set_)
     with hold_output_dir(cfg.training):
-        splits = load_splits(cfg.data)
-        _, plan = check_gpu(cfg)
-        console.print(f"plan: {plan.summary()}")
+        plan, splits = stage_inputs(cfg)
         result = train(cfg, plan, splits)
     s = result.summary
     console.print(
@@ -142,8 +169,7 @@ def train_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     )
 
 
-@app.command("evaluate")
-@pipeline_errors
+@command("evaluate")
 def evaluate_command(
     adapter: Annotated[Path, typer.Option("--adapter", help="adapter folder to score (from `qlora train`)")],
     config: ConfigOption = None,
@@ -152,22 +178,17 @@ def evaluate_command(
     out: Annotated[Path | None, typer.Option("--out", help="report folder (default <output_dir>/evaluation)")] = None,
 ) -> None:
     """Score base vs adapter (and champion): BLEU/ROUGE, eval loss, paired-bootstrap significance."""
-    from tasks.data import load_splits
     from tasks.evaluate import evaluate_adapter
-    from tasks.gpu import check_gpu
 
     cfg = load(config, set_)
-    splits = load_splits(cfg.data)
-    _, plan = check_gpu(cfg)
-    console.print(f"plan: {plan.summary()}")
+    plan, splits = stage_inputs(cfg)
     report = evaluate_adapter(cfg, plan, splits, adapter, champion_adapter=champion or cfg.evaluation.champion_adapter)
     paths = report.save(out or Path(cfg.training.output_dir) / "evaluation")
     print(report.markdown())
     console.print("report: " + ", ".join(str(path) for path in paths.values()))
 
 
-@app.command("register")
-@pipeline_errors
+@command("register")
 def register_command(
     adapter: Annotated[Path, typer.Option("--adapter", help="adapter folder to register (from `qlora train`)")],
     config: ConfigOption = None,
@@ -179,20 +200,22 @@ def register_command(
 ) -> None:
     """Register the adapter as a new model version: `challenger` always, `champion` only when it wins."""
     from configs.schema import ConfigError
-    from tasks.evaluate import REPORT_FILE
+    from tasks.evaluate import REPORT_FILE, EvalReport
     from tasks.register import register_adapter
     from tasks.run_lock import hold_output_dir
     from tasks.tracking import TrackingServerUnreachable
+    from tasks.validate import ValidationResult
 
     cfg = load(config, set_)
     report_path = report or Path(cfg.training.output_dir) / "evaluation" / REPORT_FILE
     if not report_path.is_file():
         raise ConfigError(f"evaluation report {report_path} not found: run `qlora evaluate --adapter {adapter}` "
                           "first, or pass --report")
-    checks = json.loads(validation.read_text()) if validation else None
+    evaluation = EvalReport.from_json(report_path)
+    checks = ValidationResult.from_json(validation) if validation else None
     try:
         with hold_output_dir(cfg.training):  # no run may be rewriting the adapter while it is checked and uploaded
-            result = register_adapter(cfg, adapter, json.loads(report_path.read_text()), validation=checks)
+            result = register_adapter(cfg, adapter, evaluation, validation=checks)
     except TrackingServerUnreachable as exc:  # nothing was registered; the same command can be rerun
         console.print("[bold red]error:[/]", escape(str(exc)))
         raise typer.Exit(2) from None
@@ -203,8 +226,7 @@ def register_command(
         f"{reasons}\nmodel URI: {result.model_uri}\nMLflow run: {result.run_id}", markup=False)
 
 
-@app.command("predict")
-@pipeline_errors
+@command("predict")
 def predict_command(
     prompts: Annotated[list[str], typer.Argument(help="one or more prompts; each gets one completion")],
     model: Annotated[str | None, typer.Option(
@@ -232,17 +254,12 @@ def predict_command(
         print(completion)
 
 
-@app.command("run")
-@pipeline_errors
+@command("run")
 def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Run the whole flow (validate -> check GPU -> train -> evaluate -> register) as a Prefect flow run."""
     from flows.finetune import finetune_flow
-    from tasks.data import check_data_files
-    from tasks.tracking import check_tracking_server, resolve_tracking_uri
 
-    cfg = load(config, set_)
-    check_data_files(cfg.data)  # fail in seconds, not after a Prefect server has started
-    check_tracking_server(resolve_tracking_uri(cfg))
+    preflight(load(config, set_))
     outcome = finetune_flow(config_path=flow_config_path(config), overrides=list(set_ or []))
     metric = outcome.primary_metric
     console.print(
@@ -258,8 +275,7 @@ def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     )
 
 
-@app.command("serve")
-@pipeline_errors
+@command("serve")
 def serve_command(
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -268,9 +284,8 @@ def serve_command(
 ) -> None:
     """Serve the flow on a schedule from this process (no work pool needed); Ctrl-C stops it."""
     from flows.finetune import finetune_flow
-    from tasks.data import check_data_files
 
-    check_data_files(load(config, set_).data)  # fail now on a bad config, not at 2 am
+    preflight(load(config, set_))  # fail now on a bad config, not at 2 am
     finetune_flow.serve(name=name, cron=cron,
                         parameters={"config_path": flow_config_path(config), "overrides": list(set_ or [])})
 

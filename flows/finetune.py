@@ -1,11 +1,15 @@
-"""The nightly fine-tuning flow: validate -> check GPU -> train -> evaluate -> register.
+"""The nightly fine-tuning flow: validate -> load data -> check GPU -> train -> evaluate -> register.
 
 The flow only wires stages. Each task is a thin wrapper over a plain function in `tasks/`, adding
 what Prefect is for: retries where a retry can help, a deliberate cache policy, and artifacts that
-tell the run's story in the Prefect UI. Choices, stage by stage:
+tell the run's story in the Prefect UI. The flow creates the run's `PipelineTracker` once (one MLflow
+run; it ends FINISHED, or FAILED when any stage fails) and hands it to each stage, and passes typed
+values on: the data is read into `DatasetSplits` once, after the contract passed, and training and
+evaluation get those splits. Choices, stage by stage:
 
 - validate: the suite run is cached on the content hash of the data files and the settings the checks depend on,
   so an unchanged dataset is not re-validated every night; never retried (bad data stays bad).
+- load data: never cached (the splits are passed in memory), never retried.
 - check GPU: never cached (free memory changes), never retried.
 - train: retried once; `tasks.train.train` resumes from the last checkpoint in the output dir, so a
   retry continues where the crash left off instead of starting again. Config errors are not retried.
@@ -32,23 +36,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from configs.schema import ConfigError, PipelineConfig, load_config
-from tasks.data import DataError, is_local_path, load_splits
+from tasks.data import DataError, DatasetSplits, is_local_path, load_splits
 from tasks.evaluate import EvalReport, evaluate_adapter
 from tasks.gpu import TrainingPlan, check_gpu
 from tasks.register import RegistrationResult, register_adapter
 from tasks.registry import champion_adapter_for
 from tasks.run_lock import hold_output_dir
-from tasks.tracking import (
-    MlflowTrainingCallback,
-    end_pipeline_run,
-    log_evaluation,
-    log_plan,
-    log_training,
-    log_validation,
-    resolve_tracking_uri,
-    start_pipeline_run,
-)
+from tasks.tracking import PipelineTracker
 from tasks.train import TrainResult, train
+from tasks.training_callback import training_callback
 from tasks.validate import ValidationResult, require_valid, validate_data
 
 FLOW_NAME = "qlora-finetune"
@@ -107,60 +103,65 @@ def data_contract_task(config: PipelineConfig) -> ValidationResult:
 
 
 @task(name="validate-data", cache_policy=NO_CACHE, retries=0)
-def validate_data_task(config: PipelineConfig, run_id: str) -> ValidationResult:
+def validate_data_task(config: PipelineConfig, tracker: PipelineTracker) -> ValidationResult:
     result = data_contract_task(config)
     create_markdown_artifact(markdown=result.markdown(), key="validation-summary",
                              description="Great Expectations data contract")
-    log_validation(run_id, result.to_dict(), result.markdown(), tracking_uri=resolve_tracking_uri(config))
+    tracker.log_validation(result)
     return require_valid(result)
 
 
+@task(name="load-data", cache_policy=NO_CACHE, retries=0)
+def load_data_task(config: PipelineConfig) -> DatasetSplits:
+    """The one read of the data that training and evaluation use (after the contract passed on it)."""
+    return load_splits(config.data)
+
+
 @task(name="check-gpu", cache_policy=NO_CACHE, retries=0)
-def check_gpu_task(config: PipelineConfig, run_id: str) -> TrainingPlan:
+def check_gpu_task(config: PipelineConfig, tracker: PipelineTracker) -> TrainingPlan:
     report, plan = check_gpu(config)
     create_markdown_artifact(markdown=f"## Hardware\n{report.markdown()}\n\n## Training plan\n{plan.markdown()}",
                              key="gpu-plan", description="GPU capability check and training plan")
-    log_plan(run_id, report.to_dict(), plan.to_dict(), tracking_uri=resolve_tracking_uri(config))
+    tracker.log_plan(report, plan)
     get_run_logger().info("plan: %s", plan.summary())
     return plan
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=_not_a_config_problem)
-def train_task(config: PipelineConfig, plan: TrainingPlan, run_id: str) -> TrainResult:
-    uri = resolve_tracking_uri(config)
-    callback = MlflowTrainingCallback(run_id, uri)
-    result = train(config, plan, load_splits(config.data), callbacks=[callback], run_id=run_id)
-    log_training(run_id, result.summary.__dict__, callback.history, tracking_uri=uri)
+def train_task(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits,
+               tracker: PipelineTracker) -> TrainResult:
+    callback = training_callback(tracker)
+    result = train(config, plan, splits, callbacks=[callback], run_id=tracker.run_id)
+    tracker.log_training(result.summary, callback.history)
     return result
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_not_a_config_problem)
-def evaluate_task(config: PipelineConfig, plan: TrainingPlan, trained: TrainResult, run_id: str) -> EvalReport:
+def evaluate_task(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits, trained: TrainResult,
+                  tracker: PipelineTracker) -> EvalReport:
     champion = champion_adapter_for(config)
-    report = evaluate_adapter(config, plan, load_splits(config.data), trained.adapter_dir, champion_adapter=champion)
+    report = evaluate_adapter(config, plan, splits, trained.adapter_dir, champion_adapter=champion)
     report.save(Path(config.training.output_dir) / "evaluation")
     create_markdown_artifact(markdown=report.markdown(), key="evaluation-report",
                              description="BLEU/ROUGE of the adapter against base (and champion)")
-    samples = report.to_dict()["samples"]
-    if samples:
-        create_table_artifact(table=samples, key="sample-predictions", description="prompt, reference, outputs")
-    log_evaluation(run_id, report.to_dict(), tracking_uri=resolve_tracking_uri(config))
+    if report.samples:
+        create_table_artifact(table=report.samples, key="sample-predictions", description="prompt, reference, outputs")
+    tracker.log_evaluation(report)
     return report
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 30, 120],
       retry_condition_fn=_tracking_unreachable)
 def register_task(config: PipelineConfig, trained: TrainResult, report: EvalReport,
-                  validation: ValidationResult, plan: TrainingPlan, run_id: str) -> RegistrationResult:
-    result = register_adapter(config, trained.adapter_dir, report.to_dict(), validation=validation.to_dict(),
-                              plan=plan.to_dict(), run_id=run_id, expected_sha256=trained.summary.adapter_sha256)
-    create_markdown_artifact(markdown=registration_markdown(result, config), key="registration",
+                  validation: ValidationResult, plan: TrainingPlan, tracker: PipelineTracker) -> RegistrationResult:
+    result = register_adapter(config, trained.adapter_dir, report, validation=validation, plan=plan, tracker=tracker,
+                              expected_sha256=trained.summary.adapter_sha256)
+    create_markdown_artifact(markdown=registration_markdown(result, tracker.uri), key="registration",
                              description="MLflow model registry outcome")
     return result
 
 
-def registration_markdown(result: RegistrationResult, config: PipelineConfig) -> str:
-    uri = resolve_tracking_uri(config)
+def registration_markdown(result: RegistrationResult, uri: str) -> str:
     link = f"{uri.rstrip('/')}/#/models/{result.name}/versions/{result.version}" if uri.startswith("http") else uri
     verdict = "promoted to **champion**" if result.promoted else "kept as **challenger** (not promoted)"
     reasons = "\n".join(f"- {r}" for r in result.decision.get("reasons", []))
@@ -169,13 +170,6 @@ def registration_markdown(result: RegistrationResult, config: PipelineConfig) ->
         f"{', '.join(result.aliases) or 'none'}\n\n{reasons}\n\n- MLflow run: `{result.run_id}`\n"
         f"- model URI: `{result.model_uri}`\n- registry: {link}"
     )
-
-
-def _mark_failed(run_id: str, config: PipelineConfig) -> None:
-    try:
-        end_pipeline_run(run_id, "FAILED", tracking_uri=resolve_tracking_uri(config))
-    except Exception as exc:  # the original failure is the one worth reporting
-        get_run_logger().warning("could not mark MLflow run %s FAILED: %s", run_id, exc)
 
 
 @dataclass
@@ -200,24 +194,21 @@ class PipelineOutcome:
 def finetune_flow(config_path: str = "configs/demo.yaml", overrides: list[str] | None = None) -> PipelineOutcome:
     """Fine-tune an adapter with QLoRA and deliver it into the MLflow model registry."""
     config = load_config(config_path, overrides or [])
-    with hold_output_dir(config.training):  # one run per output folder, from training through registration
-        run_id = start_pipeline_run(config)
-        try:
-            validation = validate_data_task(config, run_id)
-            plan = check_gpu_task(config, run_id)
-            trained = train_task(config, plan, run_id)
-            report = evaluate_task(config, plan, trained, run_id)
-            registration = register_task(config, trained, report, validation, plan, run_id)
-        except BaseException:
-            _mark_failed(run_id, config)  # the MLflow UI must not show a crashed night as still RUNNING
-            raise
+    # one run per output folder, from training through registration; one MLflow run, ended FAILED on any error
+    with hold_output_dir(config.training), PipelineTracker.start(config) as tracker:
+        validation = validate_data_task(config, tracker)
+        splits = load_data_task(config)
+        plan = check_gpu_task(config, tracker)
+        trained = train_task(config, plan, splits, tracker)
+        report = evaluate_task(config, plan, splits, trained, tracker)
+        registration = register_task(config, trained, report, validation, plan, tracker)
     return PipelineOutcome(
-        run_id=run_id,
+        run_id=tracker.run_id,
         registered_model=registration.name,
         version=str(registration.version),
         aliases=list(registration.aliases),
         promoted=registration.promoted,
         primary_metric=config.registry.primary_metric,
-        metrics={name: dict(values) for name, values in report.to_dict()["systems"].items()},
+        metrics={name: dict(values) for name, values in report.systems.items()},
         adapter_dir=str(trained.adapter_dir),
     )

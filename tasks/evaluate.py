@@ -21,12 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs.schema import PipelineConfig
+from configs.schema import ConfigError, PipelineConfig
 from tasks.adapter import check_adapter_base, check_adapter_modules, read_adapter_config
 from tasks.data import IGNORE_INDEX, DataError, DatasetSplits, Example, render_prompt, tokenize_example
 from tasks.formatting import format_p_value
 from tasks.generation import generate
 from tasks.gpu import TrainingPlan
+from tasks.json_values import JsonDataclass
 from tasks.modeling import (
     load_base_model,
     load_tokenizer,
@@ -92,8 +93,11 @@ def eval_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_lengt
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass
-class EvalReport:
-    """What evaluation found; `to_dict()` is the JSON shape registration and the flow read."""
+class EvalReport(JsonDataclass):
+    """What evaluation found; `to_dict()` is its JSON (eval_report.json), `from_json` reads it back."""
+
+    READ_ERROR = ConfigError
+    WRITTEN_BY = "qlora evaluate --adapter DIR"
 
     n_samples: int
     generation: dict[str, Any]
@@ -105,6 +109,7 @@ class EvalReport:
     wall_time_s: float
     adapter_dir: str = ""
     champion_adapter: str | None = None
+    dataset_fingerprint: str = ""  # of the splits evaluated on (tasks.data.fingerprint), for lineage
     outputs: dict[str, list[str]] = field(default_factory=dict, repr=False)  # every output, not in the JSON
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,5 +301,6 @@ def evaluate_adapter(config: PipelineConfig, plan: TrainingPlan, splits: Dataset
         wall_time_s=time.perf_counter() - started,
         adapter_dir=str(adapter_dir),
         champion_adapter=str(champion_adapter) if champion_adapter else None,
+        dataset_fingerprint=splits.fingerprint,
         outputs=outputs,
     )

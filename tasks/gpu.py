@@ -160,6 +160,11 @@ class TrainingPlan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingPlan:
+        """The plan `to_dict()` wrote (train_summary.json's `plan`): JSON made the notes a list."""
+        return cls(**{**data, "notes": tuple(data.get("notes") or ())})
+
     def summary(self) -> str:
         quant = f"{self.quant_type}{'+dq' if self.double_quant else ''} 4-bit" if self.load_in_4bit else "16-bit"
         return (

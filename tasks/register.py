@@ -23,7 +23,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from configs.paths import source_checkout
 from configs.schema import ConfigError, PipelineConfig
@@ -45,14 +45,18 @@ from tasks.registry import (
     log_adapter_model,
 )
 from tasks.tracking import (
+    PipelineTracker,
     apply_http_settings,
     client_for,
-    end_pipeline_run,
     library_versions,
     resolve_tracking_uri,
-    start_pipeline_run,
     using_tracking_uri,
 )
+
+if TYPE_CHECKING:
+    from tasks.evaluate import EvalReport
+    from tasks.gpu import TrainingPlan
+    from tasks.validate_result import ValidationResult
 
 logger = logging.getLogger(__name__)
 
@@ -98,32 +102,25 @@ def git_commit() -> tuple[str, str]:
     return commit or "unknown", dirty
 
 
-def dataset_fingerprint(config: PipelineConfig, validation: dict[str, Any] | None,
-                        eval_report: dict[str, Any]) -> str:
-    for source in (validation or {}, eval_report):
-        for key in ("dataset_fingerprint", "fingerprint"):
-            if source.get(key):
-                return str(source[key])
-    try:
-        from tasks.data import load_splits
-
-        return load_splits(config.data).fingerprint
-    except Exception as exc:  # data moved since training: say so instead of failing registration
-        logger.warning("dataset fingerprint unavailable: %s", exc)
-        return "unknown"
+def dataset_fingerprint(validation: ValidationResult | None, eval_report: EvalReport) -> str:
+    """The data's fingerprint as the contract saw it, else as evaluation saw it (the same function of
+    the same splits); the data is never read again here, so registration does not depend on it."""
+    return (validation.fingerprint if validation else "") or eval_report.dataset_fingerprint or "unknown"
 
 
-def plan_summary(plan: dict[str, Any] | None, adapter_dir: Path) -> str:
+def plan_summary(plan: TrainingPlan | None, adapter_dir: Path) -> str:
+    """The plan's one-line summary; without one, the plan the adapter's training recorded."""
     from tasks.gpu import TrainingPlan
 
-    if plan is None:
-        plan = read_train_summary(adapter_dir).get("plan")
-    if not plan:
+    if plan is not None:
+        return plan.summary()
+    recorded = read_train_summary(adapter_dir).get("plan")
+    if not recorded:
         return "unknown"
     try:
-        return TrainingPlan(**plan).summary()
-    except TypeError:
-        return json.dumps(plan, sort_keys=True, default=str)
+        return TrainingPlan.from_dict(recorded).summary()
+    except TypeError:  # written by another version of the plan
+        return json.dumps(recorded, sort_keys=True, default=str)
 
 
 def base_reference(config: PipelineConfig, adapter_dir: Path) -> dict[str, Any]:
@@ -153,17 +150,16 @@ def _fmt(value: Any) -> str:
     return f"{number:.2f}" if number is not None else "n/a"
 
 
-def lineage_tags(config: PipelineConfig, adapter_dir: Path, eval_report: dict[str, Any],
-                 validation: dict[str, Any] | None, plan: dict[str, Any] | None, reference: dict[str, Any],
+def lineage_tags(config: PipelineConfig, adapter_dir: Path, eval_report: EvalReport,
+                 validation: ValidationResult | None, plan: TrainingPlan | None, reference: dict[str, Any],
                  decision: PromotionDecision, run_id: str) -> dict[str, str]:
     commit, dirty = git_commit()
-    success = (validation or {}).get("success")
     tags: dict[str, Any] = {
         "base_model": base_label(reference),
         "base_model_reference": json.dumps(reference, sort_keys=True),
-        "dataset_fingerprint": dataset_fingerprint(config, validation, eval_report),
+        "dataset_fingerprint": dataset_fingerprint(validation, eval_report),
         "dataset_path": config.data.path,
-        "validation_success": "unknown" if success is None else str(bool(success)).lower(),
+        "validation_success": "unknown" if validation is None else str(bool(validation.success)).lower(),
         "gpu_plan": plan_summary(plan, adapter_dir),
         "git_commit": commit,
         "git_dirty": dirty,
@@ -171,13 +167,13 @@ def lineage_tags(config: PipelineConfig, adapter_dir: Path, eval_report: dict[st
         "lora": f"r={config.lora.r} alpha={config.lora.alpha} dropout={config.lora.dropout} "
                 f"targets={json.dumps(config.lora.target_modules)}",
         "pipeline_run_id": run_id,
-        "eval.n_samples": eval_report.get("n_samples", "unknown"),
-        "eval.bleu_signature": eval_report.get("bleu_signature", "unknown"),
+        "eval.n_samples": eval_report.n_samples,
+        "eval.bleu_signature": eval_report.bleu_signature,
         "decision": "promote" if decision.promote else "keep challenger",
         "decision.reasons": "\n".join(decision.reasons),
     }
     tags.update({f"lib.{name}": version for name, version in library_versions().items()})
-    for system, scores in (eval_report.get("systems") or {}).items():
+    for system, scores in eval_report.systems.items():
         for metric, value in (scores or {}).items():
             if as_finite(value) is not None:
                 tags[f"metric.{system}.{metric}"] = f"{float(value):.4f}"
@@ -247,26 +243,30 @@ def _cleanup_version(client: Any, name: str, version: str, restore: dict[str, st
 # The stage
 
 
-def register_adapter(config: PipelineConfig, adapter_dir: str | Path, eval_report: dict[str, Any],
-                     validation: dict[str, Any] | None = None, plan: dict[str, Any] | None = None,
-                     run_id: str | None = None, expected_sha256: str | None = None) -> RegistrationResult:
+def register_adapter(config: PipelineConfig, adapter_dir: str | Path, eval_report: EvalReport,
+                     validation: ValidationResult | None = None, plan: TrainingPlan | None = None,
+                     tracker: PipelineTracker | None = None, expected_sha256: str | None = None) -> RegistrationResult:
     """Register the adapter as a new version of `registry.model_name`; see the module docstring.
 
-    The adapter's content is checked against the hash its training took (`verify_adapter_content`)
-    just before anything is written to the registry, and kept as the version tag `adapter_sha256`.
+    The version is logged into `tracker`'s run (the pipeline run; its creator ends it) and tagged with
+    the registration's outcome. Without a tracker (`qlora register`) registration starts a run of its
+    own, once the checks have passed, and ends it. The adapter's content is checked against the hash
+    its training took (`verify_adapter_content`) just before anything is written to the registry, and
+    kept as the version tag `adapter_sha256`.
     """
     registry = config.registry
     adapter_dir = Path(adapter_dir).resolve()
     check_adapter_dir(adapter_dir)
     reference = base_reference(config, adapter_dir)
     apply_http_settings(config)
-    uri = resolve_tracking_uri(config)
-    client = client_for(uri)
+    uri = tracker.uri if tracker is not None else resolve_tracking_uri(config)
+    client = tracker.client if tracker is not None else client_for(uri)
     check_reachable(client, uri, adapter_dir)
 
+    report = eval_report.to_dict()
     champion = current_champion(client, registry)
     champion_version = str(champion.version) if champion is not None else None
-    decision = decide_promotion(eval_report, registry, has_champion=champion is not None,
+    decision = decide_promotion(report, registry, has_champion=champion is not None,
                                 champion_version=champion_version)
     decision.numbers["champion_version"] = champion_version
     if champion is not None:
@@ -274,11 +274,13 @@ def register_adapter(config: PipelineConfig, adapter_dir: str | Path, eval_repor
             _to_float(champion.tags.get(f"metric.adapter.{registry.primary_metric}")))
 
     adapter_sha256 = verify_adapter_content(adapter_dir, expected_sha256)
-    if run_id is None:
-        run_id = start_pipeline_run(config, run_name="register", tracking_uri=uri)
+    own_run = tracker is None
+    if tracker is None:
+        tracker = PipelineTracker.start(config, run_name="register", tracking_uri=uri)
+    run_id = tracker.run_id
     tags = lineage_tags(config, adapter_dir, eval_report, validation, plan, reference, decision, run_id)
     tags["adapter_sha256"] = adapter_sha256
-    description = model_card(config, reference, tags, eval_report, decision, adapter_dir)
+    description = model_card(config, reference, tags, report, decision, adapter_dir)
 
     ensure_registered_model(client, registry.model_name)
     info = log_adapter_model(uri, run_id, adapter_dir, reference, config)
@@ -306,7 +308,13 @@ def register_adapter(config: PipelineConfig, adapter_dir: str | Path, eval_repor
         raise
 
     aliases = list(moves)
-    _finish_run(client, uri, run_id, registry.model_name, version, decision)
+    try:  # the version is complete; a run tag is not worth failing it
+        tracker.set_tags({"registered_model": registry.model_name, "registered_version": version,
+                          "promoted": str(decision.promote).lower()})
+        if own_run:
+            tracker.finish()
+    except Exception as exc:
+        logger.warning("could not note the registration on run %s: %s", run_id, exc)
     return RegistrationResult(
         name=registry.model_name, version=version, aliases=aliases, promoted=decision.promote,
         decision=decision.to_dict(), run_id=run_id, model_uri=f"models:/{registry.model_name}/{version}",
@@ -320,13 +328,3 @@ def _to_float(value: str | None) -> float | None:
         return None
 
 
-def _finish_run(client: Any, uri: str, run_id: str, name: str, version: str, decision: PromotionDecision) -> None:
-    """Registration is the pipeline's last stage: note the outcome on the run and mark it FINISHED."""
-    from mlflow.entities import RunTag
-
-    try:
-        client.log_batch(run_id, tags=[RunTag("registered_model", name), RunTag("registered_version", version),
-                                       RunTag("promoted", str(decision.promote).lower())])
-        end_pipeline_run(run_id, "FINISHED", tracking_uri=uri)
-    except Exception as exc:  # the version is complete; a run tag is not worth failing it
-        logger.warning("could not mark run %s finished: %s", run_id, exc)

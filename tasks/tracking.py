@@ -1,8 +1,15 @@
-"""MLflow tracking: one run per pipeline run, and every stage logs into it.
+"""MLflow tracking: one run per pipeline run, held by one `PipelineTracker` that every stage logs through.
 
-`start_pipeline_run` creates the run (resolved config as params, library versions as params and tags)
-and returns its id; each later stage logs into that same run through an `MlflowClient`, so no stage
-can open a second run by accident and nothing relies on MLflow's process-global active run.
+`PipelineTracker.start(config)` resolves the store once, creates the run (resolved config as params,
+library versions as params and tags, the owning process as tags), sweeps the experiment for runs
+orphaned by dead processes (`tasks.orphan_runs`) and returns the tracker: run id, URI and an
+`MlflowClient`. The flow creates it once and passes it to each stage, which logs through its methods
+(`log_validation`, `log_plan`, `log_training`, `log_evaluation`); nothing resolves the URI again and
+nothing relies on MLflow's process-global active run. Whoever starts the tracker ends the run:
+`finish()` / `fail()`, or `with tracker:` (FINISHED on success, FAILED on any exception), the way
+torchtune's recipes create their metric logger once and close it in `cleanup()`. A tracker pickles as
+its run id and URI (Prefect may hand task arguments to another process); `PipelineTracker(run_id, uri)`
+reopens an existing run. The Trainer callback is `tasks.training_callback`.
 
 Where the data goes: `registry.tracking_uri`, else MLFLOW_TRACKING_URI, else by default a sqlite store
 in the project dir's `mlflow/` folder (`mlflow/mlflow.db`, artifacts in `mlflow/artifacts`; the project
@@ -10,22 +17,12 @@ dir is $QLORA_PIPELINE_DIR or the working directory, see configs/paths.py, so `m
 root writes the git-ignored `mlflow/` that `make mlflow-ui` serves, and an installed package never
 writes into site-packages). For any local sqlite store the experiment's artifacts are kept beside the
 database file, in `artifacts/`, never in a stray `./mlruns` of the working directory.
-
-Each run records the process that owns it (tags `host`, `pid`, `pid_namespace`, `process_started`,
-and `prefect_flow_run_id` in a flow run). A process killed hard (`kill -9`, OOM killer, power loss of a
-container) cannot end its run, so the next pipeline run of the experiment marks such orphans KILLED:
-RUNNING runs whose process provably no longer exists (same host and PID namespace, PID gone or reused).
-Runs of other machines, whose liveness cannot be checked from here, are left alone.
-
-System metrics (CPU, memory, disk, network, and GPU when `pynvml` is installed) are sampled during
-training by MLflow's own `SystemMetricsMonitor` in a background thread every 10 s (psutil; cheap).
-They are on unless `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING` is set to false; the sampling interval
-follows `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -36,10 +33,17 @@ import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from configs.paths import project_dir
 from configs.schema import PipelineConfig
+from tasks.orphan_runs import mark_orphans_killed, process_tags
+
+if TYPE_CHECKING:
+    from tasks.evaluate import EvalReport
+    from tasks.gpu import DeviceReport, TrainingPlan
+    from tasks.train import TrainSummary
+    from tasks.validate_result import ValidationResult
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +51,6 @@ STORE_DIR_NAME = "mlflow"  # under the project dir; mlflow/server.sh serves the 
 DB_FILE_NAME = "mlflow.db"
 TRACKED_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "mlflow",
                      "prefect", "great-expectations", "sacrebleu", "rouge-score")
-
-# run id -> tracking URI, filled by start_pipeline_run; lets the stage loggers (called with a run id
-# only) reach the right store in this process. Pass tracking_uri= explicitly from elsewhere.
-_RUN_URIS: dict[str, str] = {}
-
 
 # --------------------------------------------------------------------------------------------------
 # Where the store is
@@ -184,23 +183,8 @@ def quiet_artifact_transfers() -> Iterator[None]:
         os.environ.pop(key, None)
 
 
-def uri_for_run(run_id: str, tracking_uri: str | None = None) -> str:
-    """The store a run lives in: the explicit URI, else the one start_pipeline_run used in this process,
-    else MLflow's configured URI (MLFLOW_TRACKING_URI), else the pipeline's default store
-    (`<project dir>/mlflow/mlflow.db`, the one resolve_tracking_uri uses; not MLflow's own default)."""
-    if tracking_uri:
-        return tracking_uri
-    if run_id in _RUN_URIS:
-        return _RUN_URIS[run_id]
-    import mlflow
-
-    if mlflow.is_tracking_uri_set():
-        return mlflow.get_tracking_uri()
-    return default_tracking_uri()
-
-
 # --------------------------------------------------------------------------------------------------
-# The pipeline run
+# Helpers for the run
 
 
 def library_versions() -> dict[str, str]:
@@ -231,105 +215,10 @@ def ensure_experiment(client: Any, name: str, uri: str) -> str:
         return experiment.experiment_id
 
 
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    """`items` in lists of at most `size` (MLflow's log_batch caps params, tags and metrics per call)."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def process_tags() -> dict[str, str]:
-    """Who owns a run: enough for a later run on this machine to tell whether the owner is still alive."""
-    from tasks.run_lock import this_process
-
-    me = this_process()
-    tags = {"host": me.host, "pid": str(me.pid), "pid_namespace": me.pid_namespace,
-            "process_started": repr(me.started)}
-    if me.flow_run_id:
-        tags["prefect_flow_run_id"] = me.flow_run_id
-    return tags
-
-
-def mark_orphans_killed(client: Any, experiment_id: str, found_by: str | None = None) -> list[str]:
-    """Mark KILLED the RUNNING runs of the experiment whose owning process is provably gone; return their ids.
-
-    Only runs that recorded their process (`process_tags`) on this host are candidates, and only those
-    whose process `tasks.run_lock.process_is_gone` confirms dead are touched: a live run, or one of
-    another machine or PID namespace, is never changed.
-    """
-    from tasks.run_lock import process_is_gone, this_process
-
-    host = this_process().host.replace("'", "")
-    candidates = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
-                                                                  f"tags.host = '{host}'", max_results=1000)
-    killed = []
-    for run in candidates:
-        tags = run.data.tags
-        try:
-            pid = int(tags["pid"])
-            started = float(tags["process_started"]) if tags.get("process_started") else None
-        except (KeyError, ValueError):
-            continue
-        if run.info.run_id == found_by or not process_is_gone(pid, tags["host"], tags.get("pid_namespace", ""),
-                                                              started):
-            continue
-        reason = f"process {pid} on {tags['host']} ended without finishing the run (killed hard)"
-        _set_tags(client, run.info.run_id, {"killed_reason": reason, **({"killed_found_by": found_by}
-                                                                       if found_by else {})})
-        client.set_terminated(run.info.run_id, status="KILLED")
-        logger.warning("MLflow run %s marked KILLED: %s", run.info.run_id, reason)
-        killed.append(run.info.run_id)
-    return killed
-
-
-def start_pipeline_run(config: PipelineConfig, run_name: str | None = None, tracking_uri: str | None = None) -> str:
-    """Create the pipeline's MLflow run and return its id; the run stays RUNNING for later stages.
-
-    Params: the resolved config flattened (`section.key`) and `lib.<name>` versions; tags: the config
-    hash, the library versions and the owning process. No fluent run is left active in the process.
-    Runs of the experiment left RUNNING by a process that died are marked KILLED first
-    (`mark_orphans_killed`).
-    """
-    from mlflow.entities import Param
-
-    apply_http_settings(config)
-    uri = tracking_uri or resolve_tracking_uri(config)
-    check_tracking_server(uri)
-    client = client_for(uri)
-    experiment_id = ensure_experiment(client, config.registry.experiment_name, uri)
-    versions = library_versions()
-    tags = {
-        "config_hash": config.config_hash(),
-        "base_model": config.model.name_or_path,
-        "pipeline": "qlora-pipeline",
-        **{f"lib.{name}": version for name, version in versions.items()},
-        **process_tags(),
-    }
-    tags["mlflow.note.content"] = _run_note(config)
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    run_id = run.info.run_id
-    try:
-        mark_orphans_killed(client, experiment_id, found_by=run_id)
-    except Exception as exc:  # housekeeping of earlier runs must never stop tonight's
-        logger.warning("could not check for runs left RUNNING by dead processes: %s", exc)
-    params = [Param(key, value[:6000]) for key, value in config.flat().items()]
-    params += [Param(f"lib.{name}", version) for name, version in versions.items()]
-    for chunk in _chunks(params, 100):
-        client.log_batch(run_id, params=chunk)
-    _RUN_URIS[run_id] = uri
-    return run_id
-
-
-def _run_note(config: PipelineConfig) -> str:
-    return (f"QLoRA fine-tuning of `{config.model.name_or_path}` on `{config.data.path}`; "
-            f"registers into `{config.registry.model_name}`.")
-
-
-def end_pipeline_run(run_id: str, status: str = "FINISHED", tracking_uri: str | None = None) -> None:
-    """Mark the run FINISHED (registration does this) or FAILED (a flow's failure hook may)."""
-    client_for(uri_for_run(run_id, tracking_uri)).set_terminated(run_id, status=status)
-
-
-# --------------------------------------------------------------------------------------------------
-# Stage logging
 
 
 def safe_key(name: str) -> str:
@@ -349,46 +238,9 @@ def _numbers(prefix: str, values: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _log_metrics(client: Any, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    from mlflow.entities import Metric
-
-    stamp = int(time.time() * 1000)
-    entries = [Metric(key, value, stamp, step) for key, value in metrics.items()]
-    for chunk in _chunks(entries, 1000):
-        client.log_batch(run_id, metrics=chunk)
-
-
-def _set_tags(client: Any, run_id: str, tags: dict[str, Any]) -> None:
-    from mlflow.entities import RunTag
-
-    entries = [RunTag(safe_key(key), str(value)[:8000]) for key, value in tags.items()]
-    for chunk in _chunks(entries, 100):
-        client.log_batch(run_id, tags=chunk)
-
-
-def log_validation(run_id: str, validation: dict[str, Any], markdown: str, tracking_uri: str | None = None) -> None:
-    """The data contract's outcome: a success tag, its numbers as metrics, summary JSON + markdown."""
-    client = client_for(uri_for_run(run_id, tracking_uri))
-    success = validation.get("success")
-    _set_tags(client, run_id, {"validation_success": str(success).lower() if success is not None else "unknown"})
-    _log_metrics(client, run_id, _numbers("validation", {k: v for k, v in validation.items()
-                                                         if not isinstance(v, (list, tuple))}))
-    client.log_dict(run_id, validation, "validation/summary.json")
-    client.log_text(run_id, markdown, "validation/summary.md")
-
-
-def log_plan(run_id: str, report: dict[str, Any], plan: dict[str, Any], tracking_uri: str | None = None) -> None:
-    """Hardware report and training plan: tags (mutable, so a retried check may differ), JSON files."""
-    client = client_for(uri_for_run(run_id, tracking_uri))
-    scalars = {f"plan.{k}": v for k, v in plan.items() if isinstance(v, (str, int, float, bool))}
-    devices = report.get("devices") or []
-    scalars["plan.devices"] = ", ".join(str(d.get("name")) for d in devices if isinstance(d, dict)) or "cpu"
-    _set_tags(client, run_id, scalars)
-    memory = {k: v for k, v in plan.items() if k.endswith("_bytes")}
-    memory.update({f"breakdown.{k}": v for k, v in (plan.get("memory_breakdown") or {}).items()})
-    _log_metrics(client, run_id, _numbers("plan", memory))
-    client.log_dict(run_id, report, "gpu/device_report.json")
-    client.log_dict(run_id, plan, "gpu/plan.json")
+def _run_note(config: PipelineConfig) -> str:
+    return (f"QLoRA fine-tuning of `{config.model.name_or_path}` on `{config.data.path}`; "
+            f"registers into `{config.registry.model_name}`.")
 
 
 def loss_curve_figure(history: list[dict[str, Any]]) -> Any:
@@ -415,182 +267,165 @@ def loss_curve_figure(history: list[dict[str, Any]]) -> Any:
     return figure
 
 
-def log_training(run_id: str, summary: dict[str, Any], loss_history: list[dict[str, Any]],
-                 tracking_uri: str | None = None) -> None:
-    """The training summary as metrics (`train.*`) and JSON, and the loss curve as a PNG.
-
-    Tags: the adapter's content hash, and for a resumed training the run that wrote the checkpoint it
-    continued (`resumed_from_run`, `resumed_from_step`).
-    """
-    client = client_for(uri_for_run(run_id, tracking_uri))
-    scalars = {k: v for k, v in summary.items() if k != "plan"}
-    _log_metrics(client, run_id, _numbers("train", scalars), step=int(summary.get("global_step") or 0))
-    tags = {"adapter_sha256": summary.get("adapter_sha256")}
-    if summary.get("resumed_from_step"):
-        tags.update(resumed_from_run=summary.get("resumed_from_run") or "unknown",
-                    resumed_from_step=summary["resumed_from_step"])
-    _set_tags(client, run_id, {key: value for key, value in tags.items() if value})
-    client.log_dict(run_id, summary, "training/train_summary.json")
-    client.log_dict(run_id, {"history": loss_history}, "training/loss_history.json")
-    client.log_figure(run_id, loss_curve_figure(loss_history), "training/loss_curve.png")
-
-
-def log_evaluation(run_id: str, report: dict[str, Any], tracking_uri: str | None = None) -> None:
-    """Scores per system (`eval.<system>.<metric>`), comparisons (`eval.<a_vs_b>.<metric>.delta`, ...),
-    the full report as JSON, and the prompt/reference/outputs samples as an MLflow table."""
-    import pandas as pd
-
-    client = client_for(uri_for_run(run_id, tracking_uri))
-    metrics = _numbers("eval", report.get("systems") or {})
-    metrics.update(_numbers("eval", report.get("comparisons") or {}))
-    for key in ("n_samples", "wall_time_s"):
-        if isinstance(report.get(key), (int, float)):
-            metrics[f"eval.{key}"] = float(report[key])
-    _log_metrics(client, run_id, metrics)
-    _set_tags(client, run_id, {"eval.bleu_signature": report.get("bleu_signature", ""),
-                               "eval.generation": json.dumps(report.get("generation", ""), default=str)})
-    client.log_dict(run_id, report, "evaluation/report.json")
-    samples = report.get("samples") or []
-    if samples:
-        # log_table appends to an existing file; a retried evaluation gets a file of its own
-        existing = {f.path for f in client.list_artifacts(run_id, "evaluation")}
-        name, attempt = "evaluation/samples.json", 1
-        while name in existing:
-            attempt += 1
-            name = f"evaluation/samples-{attempt}.json"
-        client.log_table(run_id, data=pd.DataFrame(samples), artifact_file=name)
-
-
 # --------------------------------------------------------------------------------------------------
-# Training callback
+# The pipeline run
 
 
-def system_metrics_wanted() -> bool:
-    value = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
-    return value is None or value.strip().lower() not in ("false", "0", "no", "off")
+class PipelineTracker:
+    """The pipeline run's MLflow run: its id, its store's URI and a client, for every stage to log into.
 
-
-def _memory_bytes() -> dict[str, float]:
-    import torch
-
-    if torch.cuda.is_available():
-        return {"memory_allocated_bytes": float(torch.cuda.memory_allocated()),
-                "memory_peak_bytes": float(torch.cuda.max_memory_allocated())}
-    import psutil
-
-    return {"memory_rss_bytes": float(psutil.Process().memory_info().rss)}
-
-
-class _MlflowTrainingCallbackMixin:
-    """Logs each Trainer logging step into the pipeline run, with the step number.
-
-    Metrics: loss, learning_rate, grad_norm, tokens_per_second (non-padding tokens since the previous
-    log), memory (CUDA allocated/peak, or process RSS on the CPU), eval_loss when evaluated, and the
-    Trainer's final train_* summary. Written with `MlflowClient.log_batch` into the given run (the
-    transformers MLflow integration is not used: it would open a run of its own). A tracking hiccup
-    never stops training: failed batches are kept and sent with the next one. `history` keeps every
-    logged row for the loss curve. System metrics run in MLflow's monitor thread during training.
+    Create one per pipeline run with `start`; reopen an existing run with `PipelineTracker(run_id, uri)`.
+    It pickles as `(run_id, uri)`, never its client, so it can be a Prefect task argument wherever the
+    task runs. Used as a context manager it ends the run when the block ends: FINISHED, or FAILED when
+    the block raised (best effort: the original error is the one worth reporting).
     """
 
-    def __init__(self, run_id: str, tracking_uri: str, system_metrics: bool | None = None,
-                 system_metrics_interval_s: float = 10.0) -> None:
+    def __init__(self, run_id: str, uri: str) -> None:
         self.run_id = run_id
-        self.tracking_uri = tracking_uri
-        self.history: list[dict[str, Any]] = []
-        self.pending: list[Any] = []
-        self.system_metrics = system_metrics_wanted() if system_metrics is None else system_metrics
-        self.system_metrics_interval_s = system_metrics_interval_s
-        self._monitor: Any = None
-        self._last_tokens: tuple[float, int] | None = None
+        self.uri = uri
         self._client: Any = None
-        self._warned = False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.run_id, self.uri))
+
+    def __repr__(self) -> str:
+        return f"PipelineTracker(run_id={self.run_id!r}, uri={self.uri!r})"
 
     @property
     def client(self) -> Any:
+        """The `MlflowClient` of the store (made on first use, after unpickling too)."""
         if self._client is None:
-            self._client = client_for(self.tracking_uri)
+            self._client = client_for(self.uri)
         return self._client
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._last_tokens = (time.perf_counter(), int(getattr(state, "num_input_tokens_seen", 0) or 0))
-        if self.system_metrics and state.is_world_process_zero and self._monitor is None:
-            try:
-                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    @classmethod
+    def start(cls, config: PipelineConfig, run_name: str | None = None,
+              tracking_uri: str | None = None) -> PipelineTracker:
+        """Create the pipeline's MLflow run (it stays RUNNING for the later stages) and its tracker.
 
-                self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.system_metrics_interval_s,
-                                                     resume_logging=True, tracking_uri=self.tracking_uri)
-                self._monitor.start()
-            except Exception as exc:  # psutil missing or the monitor API changed: training goes on
-                logger.warning("system metrics are not logged: %s", exc)
-                self._monitor = None
+        Params: the resolved config flattened (`section.key`) and `lib.<name>` versions; tags: the config
+        hash, the library versions and the owning process. No fluent run is left active in the process.
+        Runs of the experiment left RUNNING by a process that died are then marked KILLED.
+        """
+        from mlflow.entities import Param
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               **kwargs: Any) -> None:
-        if not state.is_world_process_zero or not logs:
-            return
-        step = int(state.global_step)
-        row: dict[str, Any] = {"step": step}
-        for key, value in logs.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
-                row[key] = float(value)
-        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-        now = time.perf_counter()
-        if "loss" in row and self._last_tokens is not None and tokens > self._last_tokens[1]:
-            elapsed = now - self._last_tokens[0]
-            if elapsed > 0:
-                row["tokens_per_second"] = (tokens - self._last_tokens[1]) / elapsed
-            self._last_tokens = (now, tokens)
-        if "loss" in row:
-            row.update(_memory_bytes())
-        self.history.append(row)
-        self._send(row, step)
+        apply_http_settings(config)
+        uri = tracking_uri or resolve_tracking_uri(config)
+        check_tracking_server(uri)
+        tracker = cls("", uri)
+        experiment_id = ensure_experiment(tracker.client, config.registry.experiment_name, uri)
+        versions = library_versions()
+        tags = {
+            "config_hash": config.config_hash(),
+            "base_model": config.model.name_or_path,
+            "pipeline": "qlora-pipeline",
+            **{f"lib.{name}": version for name, version in versions.items()},
+            **process_tags(),
+            "mlflow.note.content": _run_note(config),
+        }
+        tracker.run_id = tracker.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        try:
+            mark_orphans_killed(tracker.client, experiment_id, found_by=tracker.run_id)
+        except Exception as exc:  # housekeeping of earlier runs must never stop tonight's
+            logger.warning("could not check for runs left RUNNING by dead processes: %s", exc)
+        params = [Param(key, value[:6000]) for key, value in config.flat().items()]
+        params += [Param(f"lib.{name}", version) for name, version in versions.items()]
+        for chunk in chunks(params, 100):
+            tracker.client.log_batch(tracker.run_id, params=chunk)
+        return tracker
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.flush()
-        self.stop_system_metrics()
+    # ---- the run's end: whoever started the tracker ends it
 
-    def stop_system_metrics(self) -> None:
-        if self._monitor is not None:
-            self._monitor.finish()
-            self._monitor = None
+    def finish(self) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED")
 
-    def _send(self, row: dict[str, Any], step: int) -> None:
+    def fail(self) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED")
+
+    def __enter__(self) -> PipelineTracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        status = "FINISHED" if exc_type is None else "FAILED"  # a crashed night must not stay RUNNING
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as error:
+            logger.warning("could not mark MLflow run %s %s: %s", self.run_id, status, error)
+
+    # ---- plain logging
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        self.pending.extend(Metric(safe_key(k), v, stamp, step) for k, v in row.items() if k != "step")
-        self.flush()
+        entries = [Metric(key, value, stamp, step) for key, value in metrics.items()]
+        for chunk in chunks(entries, 1000):
+            self.client.log_batch(self.run_id, metrics=chunk)
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        try:
-            for chunk in _chunks(self.pending, 1000):
-                self.client.log_batch(self.run_id, metrics=chunk)
-            self.pending = []
-        except Exception as exc:
-            if not self._warned:
-                logger.warning("MLflow logging failed (%s); training continues, metrics are kept and retried", exc)
-                self._warned = True
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
 
-    def __del__(self) -> None:  # a crashed run must not leave the monitor thread behind
-        with contextlib.suppress(Exception):
-            self.stop_system_metrics()
+        entries = [RunTag(safe_key(key), str(value)[:8000]) for key, value in tags.items()]
+        for chunk in chunks(entries, 100):
+            self.client.log_batch(self.run_id, tags=chunk)
 
+    # ---- one method per stage
 
-def _build_callback_class() -> type:
-    from transformers import TrainerCallback
+    def log_validation(self, result: ValidationResult) -> None:
+        """The data contract's outcome: a success tag, its numbers as metrics, summary JSON + markdown."""
+        summary = result.to_dict()
+        self.set_tags({"validation_success": str(bool(result.success)).lower()})
+        self.log_metrics(_numbers("validation", {k: v for k, v in summary.items() if not isinstance(v, (list, tuple))}))
+        self.client.log_dict(self.run_id, summary, "validation/summary.json")
+        self.client.log_text(self.run_id, result.markdown(), "validation/summary.md")
 
-    cls = type("MlflowTrainingCallback", (_MlflowTrainingCallbackMixin, TrainerCallback),
-               {"__module__": __name__, "__doc__": _MlflowTrainingCallbackMixin.__doc__})
-    return cls
+    def log_plan(self, report: DeviceReport, plan: TrainingPlan) -> None:
+        """Hardware report and training plan: tags (mutable, so a retried check may differ), JSON files."""
+        plan_dict = plan.to_dict()
+        scalars = {f"plan.{k}": v for k, v in plan_dict.items() if isinstance(v, (str, int, float, bool))}
+        scalars["plan.devices"] = ", ".join(str(d.name) for d in report.devices) or "cpu"
+        self.set_tags(scalars)
+        memory = {k: v for k, v in plan_dict.items() if k.endswith("_bytes")}
+        memory.update({f"breakdown.{k}": v for k, v in plan.memory_breakdown.items()})
+        self.log_metrics(_numbers("plan", memory))
+        self.client.log_dict(self.run_id, report.to_dict(), "gpu/device_report.json")
+        self.client.log_dict(self.run_id, plan_dict, "gpu/plan.json")
 
+    def log_training(self, summary: TrainSummary, loss_history: list[dict[str, Any]]) -> None:
+        """The training summary as metrics (`train.*`) and JSON, and the loss curve as a PNG.
 
-def __getattr__(name: str) -> Any:
-    """`MlflowTrainingCallback` is a real `transformers.TrainerCallback`, built on first use, so that
-    importing this module (registration, the CLI) does not import transformers (~15 s on a small CPU)."""
-    if name == "MlflowTrainingCallback":
-        cls = _build_callback_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        Tags: the adapter's content hash, and for a resumed training the run that wrote the checkpoint it
+        continued (`resumed_from_run`, `resumed_from_step`).
+        """
+        values = dataclasses.asdict(summary)
+        scalars = {k: v for k, v in values.items() if k != "plan"}
+        self.log_metrics(_numbers("train", scalars), step=int(summary.global_step or 0))
+        tags = {"adapter_sha256": summary.adapter_sha256}
+        if summary.resumed_from_step:
+            tags.update(resumed_from_run=summary.resumed_from_run or "unknown",
+                        resumed_from_step=summary.resumed_from_step)
+        self.set_tags({key: value for key, value in tags.items() if value})
+        self.client.log_dict(self.run_id, values, "training/train_summary.json")
+        self.client.log_dict(self.run_id, {"history": loss_history}, "training/loss_history.json")
+        self.client.log_figure(self.run_id, loss_curve_figure(loss_history), "training/loss_curve.png")
+
+    def log_evaluation(self, report: EvalReport) -> None:
+        """Scores per system (`eval.<system>.<metric>`), comparisons (`eval.<a_vs_b>.<metric>.delta`, ...),
+        the full report as JSON, and the prompt/reference/outputs samples as an MLflow table."""
+        import pandas as pd
+
+        metrics = _numbers("eval", report.systems)
+        metrics.update(_numbers("eval", report.comparisons))
+        metrics.update({"eval.n_samples": float(report.n_samples), "eval.wall_time_s": float(report.wall_time_s)})
+        self.log_metrics(metrics)
+        self.set_tags({"eval.bleu_signature": report.bleu_signature,
+                       "eval.generation": json.dumps(report.generation, default=str)})
+        self.client.log_dict(self.run_id, report.to_dict(), "evaluation/report.json")
+        if report.samples:
+            # log_table appends to an existing file; a retried evaluation gets a file of its own
+            existing = {f.path for f in self.client.list_artifacts(self.run_id, "evaluation")}
+            name, attempt = "evaluation/samples.json", 1
+            while name in existing:
+                attempt += 1
+                name = f"evaluation/samples-{attempt}.json"
+            self.client.log_table(self.run_id, data=pd.DataFrame(report.samples), artifact_file=name)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.data import DataError
+from tasks.json_values import JsonDataclass
 
 
 class DataValidationError(DataError):
@@ -27,8 +28,11 @@ class DataValidationError(DataError):
 
 
 @dataclass
-class ValidationResult:
-    """The suite's verdict: machine-readable (`to_dict`) and for people (`markdown`)."""
+class ValidationResult(JsonDataclass):
+    """The suite's verdict: machine-readable (`to_dict`, read back by `from_json`) and for people (`markdown`)."""
+
+    READ_ERROR = DataError
+    WRITTEN_BY = "qlora validate --json > FILE"
 
     success: bool
     fingerprint: str

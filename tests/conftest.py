@@ -144,3 +144,10 @@ def make_eval_report(base: float = 2.0, adapter: float = 80.0, champion: float |
                 adapter - champion, adapter_rouge - champion,
                 significant if significant_vs_champion is None else significant_vs_champion)
     return report
+
+
+def typed_eval_report(**kwargs):  # -> tasks.evaluate.EvalReport
+    """`make_eval_report(**kwargs)` as the typed value the evaluate stage hands to registration."""
+    from tasks.evaluate import EvalReport
+
+    return EvalReport.from_dict(make_eval_report(**kwargs))

@@ -85,6 +85,21 @@ def test_stage_timers_wrap_functions_in_place() -> None:
     assert instrument(module, ("train", "missing", "other"), totals) == ["train"]  # type: ignore[arg-type]
     assert module.train(1) == 2 and totals["train"] > 0
 
+    class Tracker:  # the flow's tracker: a classmethod constructor and instance methods
+        def __init__(self, run_id: str) -> None:
+            self.run_id = run_id
+
+        @classmethod
+        def start(cls, run_id: str) -> Tracker:
+            return cls(run_id)
+
+        def log_plan(self, plan: str) -> str:
+            return f"{self.run_id}:{plan}"
+
+    timed = {"start": 0.0, "log_plan": 0.0}
+    assert instrument(Tracker, ("start", "log_plan"), timed) == ["start", "log_plan"]
+    assert Tracker.start("r1").log_plan("p") == "r1:p" and timed["start"] > 0 and timed["log_plan"] > 0
+
 
 def test_gpu_script_syntax_and_cpu_dry_run(tmp_path) -> None:
     subprocess.run(["bash", "-n", str(REPO_ROOT / "bench" / "gpu.sh")], check=True)

@@ -117,7 +117,8 @@ def test_every_command_has_help() -> None:
 @pytest.mark.parametrize(("command", "override"), [("run", "data.path=/nonexistent/train.jsonl"),
                                                      ("serve", "data.eval_path=/nonexistent/eval.jsonl"),
                                                      ("run", "lora.dropout=1.5"),
-                                                     ("run", "registry.tracking_uri=http://127.0.0.1:9")])
+                                                     ("run", "registry.tracking_uri=http://127.0.0.1:9"),
+                                                     ("serve", "registry.tracking_uri=http://127.0.0.1:9")])
 def test_flow_commands_refuse_a_bad_config_before_any_flow_run(make_config, tmp_path, monkeypatch, command: str,
                                                                override: str) -> None:
     """`qlora run`/`serve` check the config and data files first: no Prefect server, no schedule."""

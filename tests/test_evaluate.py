@@ -36,10 +36,15 @@ def test_adapter_beats_base_with_significance(evaluated):
     assert adapter["perplexity"] == pytest.approx(math.exp(adapter["eval_loss"]))
 
 
-def test_report_json_shape_and_files(evaluated):
+def test_report_json_shape_and_files(evaluated, trained):
+    from tasks.evaluate import EvalReport
+
     config, result, report, paths = evaluated
     data = json.loads(paths["report"].read_text())
     assert data == json.loads(json.dumps(report.to_dict()))
+    # what `qlora register --report` reads back: the same report, typed, with the data's fingerprint for lineage
+    restored = EvalReport.from_json(paths["report"])
+    assert restored.to_dict() == data and restored.dataset_fingerprint == trained[2].fingerprint
     assert {"n_samples", "generation", "bleu_signature", "systems", "comparisons", "significance_level", "samples",
             "wall_time_s"} <= set(data)
     assert data["n_samples"] == config.evaluation.max_rows == 64

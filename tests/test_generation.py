@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import make_eval_report
+from tests.conftest import typed_eval_report
 
 
 def test_the_registered_model_predicts_what_evaluation_scored(trained, registry_config) -> None:
@@ -20,7 +20,7 @@ def test_the_registered_model_predicts_what_evaluation_scored(trained, registry_
     assert evaluated != report.outputs["base"], "the adapter must answer differently from the base"
 
     registry_config.registry.log_input_example = False
-    outcome = register_adapter(registry_config, result.adapter_dir, make_eval_report())
+    outcome = register_adapter(registry_config, result.adapter_dir, typed_eval_report())
     # what a user of the registered model sends: the prompt text; the model applies the chat template
     examples = splits.eval[:small.evaluation.max_rows]
     assert all(len(e.prompt_messages) == 1 and e.prompt_messages[0]["role"] == "user" for e in examples)

@@ -37,7 +37,7 @@ def test_model_card_prints_p_values_as_the_evaluation_report_does(tmp_path) -> N
             "config_hash": config.config_hash()}
     card = model_card(config, reference, tags, report, decision, tmp_path)
 
-    report_markdown = EvalReport(**report).markdown()
+    report_markdown = EvalReport.from_dict(report).markdown()
     bleu_row = next(line for line in report_markdown.splitlines() if line.startswith("| adapter vs base | BLEU |"))
     shown_in_report = bleu_row.split("|")[5].strip()
     assert shown_in_report == format_p_value(p_value)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, make_eval_report
+from tests.conftest import REPO_ROOT, make_eval_report, typed_eval_report
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -73,12 +73,14 @@ def test_registered_version_loads_in_a_fresh_process_and_carries_its_lineage(tra
     from tasks.modeling import base_model_reference
     from tasks.register import register_adapter
     from tasks.tracking import using_tracking_uri
+    from tasks.validate import ValidationResult
 
     config, plan, splits, result = trained
     before = file_hashes(result.adapter_dir)
-    validation = {"success": True, "dataset_fingerprint": splits.fingerprint}
-    outcome = register_adapter(registry_config, result.adapter_dir, make_eval_report(), validation=validation,
-                               plan=plan.to_dict())
+    validation = ValidationResult(success=True, fingerprint=splits.fingerprint, format=splits.format,
+                                  row_counts={"train": len(splits.train), "eval": len(splits.eval)}, expectations=[])
+    outcome = register_adapter(registry_config, result.adapter_dir, typed_eval_report(), validation=validation,
+                               plan=plan)
     assert (outcome.name, outcome.version, outcome.promoted) == ("demo-qlora-adapter", "1", True)
     assert sorted(outcome.aliases) == ["challenger", "champion"]
     assert file_hashes(result.adapter_dir) == before, "registration must never modify the adapter files"
@@ -137,7 +139,7 @@ def test_loading_refuses_a_missing_or_changed_base_model(trained, registry_confi
 
     config, _, _, result = trained
     registry_config.registry.log_input_example = False
-    register_adapter(registry_config, result.adapter_dir, make_eval_report())
+    register_adapter(registry_config, result.adapter_dir, typed_eval_report())
     reference = base_model_reference(config)
 
     moved = tmp_path / "moved-base"
@@ -172,7 +174,7 @@ def test_champion_moves_only_for_a_significantly_better_adapter(trained, registr
     registry_config.registry.log_input_example = False  # the fresh-process test covers loading
 
     def register(**report):
-        return register_adapter(registry_config, adapter, make_eval_report(**report))
+        return register_adapter(registry_config, adapter, typed_eval_report(**report))
 
     assert resolve_champion_adapter(registry_config) is None
     first = register(adapter=60.0)
@@ -209,7 +211,7 @@ def test_a_failure_after_the_version_exists_leaves_no_half_registered_version(tr
 
     adapter = trained[3].adapter_dir
     registry_config.registry.log_input_example = False
-    register_adapter(registry_config, adapter, make_eval_report(adapter=60.0))
+    register_adapter(registry_config, adapter, typed_eval_report(adapter=60.0))
     real = MlflowClient.set_registered_model_alias
 
     def fail_on_champion(self, name, alias, version):
@@ -219,12 +221,12 @@ def test_a_failure_after_the_version_exists_leaves_no_half_registered_version(tr
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fail_on_champion)
     with pytest.raises(ConnectionError, match="went away"):
-        register_adapter(registry_config, adapter, make_eval_report(adapter=75.0, champion=60.0))
+        register_adapter(registry_config, adapter, typed_eval_report(adapter=75.0, champion=60.0))
     assert versions(registry_config) == ["1"], "the half-registered version must be deleted"
     assert alias_version(registry_config, "champion") == "1" and alias_version(registry_config, "challenger") == "1"
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", real)
-    retried = register_adapter(registry_config, adapter, make_eval_report(adapter=75.0, champion=60.0))
+    retried = register_adapter(registry_config, adapter, typed_eval_report(adapter=75.0, champion=60.0))
     assert retried.promoted and alias_version(registry_config, "champion") == retried.version
 
 
@@ -285,7 +287,7 @@ def test_unreachable_server_fails_cleanly_and_the_retry_succeeds(trained, regist
 
     started = time.monotonic()
     with pytest.raises(TrackingServerUnreachable) as failure:
-        register_adapter(registry_config, adapter, make_eval_report())
+        register_adapter(registry_config, adapter, typed_eval_report())
     assert time.monotonic() - started < 30, "MLflow's HTTP retries must follow registry.request_max_retries"
     message = str(failure.value)
     assert f"http://127.0.0.1:{port}" in message and "Nothing was registered" in message and str(adapter) in message
@@ -295,7 +297,7 @@ def test_unreachable_server_fails_cleanly_and_the_retry_succeeds(trained, regist
     server = start_server(tmp_path / "server", port, mlflow_store_template)
     try:
         assert versions(registry_config) == [] and alias_version(registry_config, "champion") is None
-        retried = register_adapter(registry_config, adapter, make_eval_report())
+        retried = register_adapter(registry_config, adapter, typed_eval_report())
         assert (retried.version, retried.promoted) == ("1", True)
         assert alias_version(registry_config, "champion") == "1"
         # artifacts went through the server (--serve-artifacts) into its artifacts folder
@@ -314,10 +316,11 @@ def test_unreachable_server_fails_cleanly_and_the_retry_succeeds(trained, regist
 CONCURRENT_SCRIPT = """
 import json, pathlib, sys, time
 from configs.schema import load_config
+from tasks.evaluate import EvalReport
 from tasks.register import register_adapter
 config_file, adapter, report_file, ready, go = sys.argv[1:6]
 config = load_config(config_file)
-report = json.loads(pathlib.Path(report_file).read_text())
+report = EvalReport.from_json(report_file)
 pathlib.Path(ready).touch()
 while not pathlib.Path(go).exists():
     time.sleep(0.05)
@@ -371,17 +374,28 @@ def test_cli_register_then_predict_from_the_champion(trained, registry_config, t
     config_file = tmp_path / "config.yaml"
     registry_config.registry.log_input_example = False
     config_file.write_text(yaml.safe_dump(registry_config.model_dump(mode="json")))
-    report = tmp_path / "eval_report.json"
-    report.write_text(json.dumps(make_eval_report()))
+    splits = trained[2]
+    report = tmp_path / "eval_report.json"  # as `qlora evaluate` writes it: with the fingerprint of its splits
+    report.write_text(json.dumps({**make_eval_report(), "dataset_fingerprint": splits.fingerprint}))
+    not_a_report = tmp_path / "not_a_report.json"
+    not_a_report.write_text(json.dumps({"systems": {}}))
     runner = CliRunner()
 
     missing = runner.invoke(app, ["register", "--adapter", str(trained[3].adapter_dir), "-c", str(config_file)])
     assert missing.exit_code == 2 and "qlora evaluate" in missing.output  # no report in <output_dir>/evaluation
+    wrong = runner.invoke(app, ["register", "--adapter", str(trained[3].adapter_dir), "-c", str(config_file),
+                                "--report", str(not_a_report)])
+    said = " ".join(wrong.output.split())
+    assert wrong.exit_code == 2 and "is not a saved EvalReport" in said and "qlora evaluate" in said
+    assert versions(registry_config) == []
     registered = runner.invoke(app, ["register", "--adapter", str(trained[3].adapter_dir), "-c", str(config_file),
                                      "--report", str(report)])
     assert registered.exit_code == 0, registered.output
     said = " ".join(registered.output.split())  # rich wraps long lines
     assert "demo-qlora-adapter version 1" in said and "promoted to champion" in said
+    # lineage without re-reading the data: the fingerprint is the one the report recorded
+    assert client(registry_config).get_model_version("demo-qlora-adapter", "1").tags["dataset_fingerprint"] == \
+        splits.fingerprint
 
     prompts = ["Rewrite this in Zorbish.\n\nthe red cat runs", "Rewrite this in Zorbish.\n\ndog"]
     predicted = runner.invoke(app, ["predict", "-c", str(config_file), "--json", "--max-new-tokens", "6", *prompts])
@@ -412,7 +426,7 @@ def test_a_champion_moved_by_someone_else_during_registration_is_not_overwritten
 
     monkeypatch.setattr(register, "log_adapter_model", log_while_another_run_promotes)
     # judged against an empty registry ("first version"), but a champion appears before the aliases move
-    outcome = register.register_adapter(registry_config, adapter, make_eval_report())
+    outcome = register.register_adapter(registry_config, adapter, typed_eval_report())
     assert (outcome.version, outcome.promoted, outcome.aliases) == ("2", False, ["challenger"])
     assert alias_version(registry_config, "champion") == "1"
     tags = client(registry_config).get_model_version("demo-qlora-adapter", "2").tags

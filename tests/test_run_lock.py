@@ -168,7 +168,7 @@ def test_registration_refuses_an_adapter_changed_after_training(tiny_adapter) ->
     from tasks.adapter import SUMMARY_FILE, AdapterChanged, adapter_content_hash
     from tasks.register import register_adapter
     from tasks.tracking import client_for
-    from tests.conftest import make_eval_report
+    from tests.conftest import typed_eval_report
 
     config, result = tiny_adapter
     recorded = json.loads((result.adapter_dir / SUMMARY_FILE).read_text())["adapter_sha256"]
@@ -180,17 +180,17 @@ def test_registration_refuses_an_adapter_changed_after_training(tiny_adapter) ->
     tampered[-1] ^= 0x01  # one bit of the last weight
     weights.write_bytes(bytes(tampered))
     with pytest.raises(AdapterChanged, match="not the one its training.*wrote.*Nothing was registered"):
-        register_adapter(config, result.adapter_dir, make_eval_report())
+        register_adapter(config, result.adapter_dir, typed_eval_report())
     client = client_for(config.registry.tracking_uri)
     assert client.search_model_versions(f"name='{MODEL_NAME}'") == []
 
     # the flow passes its own training's hash: an adapter that is whole but not this run's is refused too
     weights.write_bytes(original)
     with pytest.raises(AdapterChanged, match="not the one this pipeline run's training wrote"):
-        register_adapter(config, result.adapter_dir, make_eval_report(), expected_sha256="0" * 64)
+        register_adapter(config, result.adapter_dir, typed_eval_report(), expected_sha256="0" * 64)
     assert client.search_model_versions(f"name='{MODEL_NAME}'") == []
 
-    registered = register_adapter(config, result.adapter_dir, make_eval_report(),
+    registered = register_adapter(config, result.adapter_dir, typed_eval_report(),
                                   expected_sha256=result.summary.adapter_sha256)
     version = client.get_model_version(MODEL_NAME, registered.version)
     assert version.tags["adapter_sha256"] == recorded
@@ -201,7 +201,8 @@ def test_registration_refuses_an_adapter_changed_after_training(tiny_adapter) ->
 
 
 def test_only_runs_of_dead_processes_on_this_machine_are_marked_killed(make_config, mlflow_uri) -> None:
-    from tasks.tracking import client_for, ensure_experiment, mark_orphans_killed, process_tags
+    from tasks.orphan_runs import mark_orphans_killed, process_tags
+    from tasks.tracking import client_for, ensure_experiment
 
     config = make_config(f"registry.tracking_uri={mlflow_uri}")
     client = client_for(mlflow_uri)

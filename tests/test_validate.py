@@ -356,6 +356,13 @@ def test_cli_validate_exit_codes(demo_assets, tmp_path) -> None:
     assert as_json.exit_code == 1
     payload = json.loads(as_json.stdout)
     assert payload["success"] is False and payload["fingerprint"] == UNREADABLE
+    # what `qlora register --validation FILE` reads back: the same result, typed
+    saved = tmp_path / "validation.json"
+    saved.write_text(as_json.stdout)
+    restored = ValidationResult.from_json(saved)
+    assert restored.to_dict() == payload and "rows_parse" in restored.failed_names()
+    with pytest.raises(DataError, match=f"{tmp_path / 'eval.jsonl'} is not a saved ValidationResult"):
+        ValidationResult.from_json(tmp_path / "eval.jsonl")
 
     missing = runner.invoke(app, [*base, str(tmp_path / "nothere.jsonl")])
     assert missing.exit_code == 2 and "does not exist" in " ".join(missing.output.split())
