@@ -86,6 +86,47 @@ def parse_registry_source(source: str) -> tuple[str, str | None, str | None]:
     return name, version, None
 
 
+@dataclass
+class LocatedAdapter:
+    """Where an adapter of `serving.models` (or `qlora export --model`) is, and what it was trained on."""
+
+    key: str  # "<registered name>/<version>", or the folder's resolved path
+    folder: Path
+    reference: dict[str, Any] | None  # the registered base reference; None for a folder (the config's base)
+    registered_name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+
+
+def locate_adapter(config: PipelineConfig, source: str, client: Any = None, uri: str | None = None) -> LocatedAdapter:
+    """A registry URI's version resolved (alias followed) and its adapter downloaded, or a folder checked."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.register import download_adapter
+
+    if not source.startswith("models:/"):
+        folder = Path(source).resolve()
+        if not (folder / "adapter_config.json").is_file():
+            raise ConfigError(f"{source} has no adapter_config.json; point it at a peft adapter folder "
+                              "(<training.output_dir>/adapter) or a models:/<name>@<alias> or models:/<name>/<N> URI")
+        return LocatedAdapter(str(folder), folder, None)
+    if client is None:
+        from tasks.tracking import apply_http_settings, client_for, resolve_tracking_uri
+
+        apply_http_settings(config)
+        uri = resolve_tracking_uri(config)
+        client = client_for(uri)
+    name, version, alias = parse_registry_source(source)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ConfigError(f"{source} not found in the registry at {uri} ({str(exc).splitlines()[0][:200]}); "
+                          "register it first or fix the URI") from exc
+    reference = json.loads(found.tags["base_model_reference"]) if "base_model_reference" in found.tags else None
+    folder = download_adapter(config, name, str(found.version))
+    return LocatedAdapter(f"{name}/{found.version}", folder, reference, name, str(found.version), alias)
+
+
 class ModelPool:
     """The base model, its adapters, and which served name answers with which adapter now."""
 
@@ -129,19 +170,8 @@ class ModelPool:
 
     def _locate(self, served: ServedModel) -> tuple[str, Path, dict[str, Any] | None, str | None, str | None]:
         """(slot key, adapter folder, base reference or None, registered name, alias) of one entry."""
-        from tasks.register import download_adapter
-
-        if not served.source.startswith("models:/"):
-            folder = Path(served.source).resolve()
-            if not (folder / "adapter_config.json").is_file():
-                raise ConfigError(f"serving.models: {served.source} has no adapter_config.json; point it at a peft "
-                                  "adapter folder (<training.output_dir>/adapter) or a models:/ URI")
-            return str(folder), folder, None, None, None
-        name, version, alias = parse_registry_source(served.source)
-        found = self._registered_version(name, version, alias, served.source)
-        reference = json.loads(found.tags["base_model_reference"]) if "base_model_reference" in found.tags else None
-        folder = download_adapter(self.config, name, str(found.version))
-        return f"{name}/{found.version}", folder, reference, name, alias
+        found = locate_adapter(self.config, served.source, self.client(), self._uri)
+        return found.key, found.folder, found.reference, found.registered_name, found.alias
 
     # ------------------------------------------------------------------------------------------
     # Loading

@@ -45,17 +45,29 @@ def answer_text(response: httpx.Response) -> str:
     return response.json()["choices"][0]["message"]["content"]
 
 
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja")
+
+
 @pytest.fixture(scope="module")
 def second_adapter(trained, tmp_path_factory):
-    """A second real adapter: fewer steps and another learning rate than the shared one, so it answers differently."""
-    from tasks.train import train
+    """A second really trained adapter that answers differently: the shared run's adapter as it was at its
+    step-80 checkpoint (adapter files only), so this module costs no second training run; trained for 40
+    steps with another learning rate when that checkpoint is not there."""
+    from tasks.train import CHECKPOINT_DIRNAME, train
 
-    config, plan, splits, _ = trained
+    config, plan, splits, result = trained
+    checkpoint = Path(config.training.output_dir) / CHECKPOINT_DIRNAME / "checkpoint-80"
+    if (checkpoint / "adapter_model.safetensors").is_file():
+        folder = tmp_path_factory.mktemp("second-adapter") / "adapter-step-80"
+        folder.mkdir()
+        for name in ADAPTER_FILES:
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, folder / name)
+        return folder
     other = config.model_copy(deep=True)
     other.training.output_dir = tmp_path_factory.mktemp("second-adapter")
-    other.training.max_steps = 40
-    other.training.learning_rate = 1e-3
-    other.training.seed = 7
+    other.training.max_steps, other.training.learning_rate, other.training.seed = 40, 1e-3, 7
     return train(other, plan, splits).adapter_dir
 
 
@@ -254,11 +266,9 @@ def test_ab_weights_sticky_users_feedback_metrics_and_report(client, served) -> 
             assert recorded.status_code == 200 and recorded.json()["arm"] == arm
     metrics = client.get("/metrics").text
     for arm in ("champion", "challenger"):
-        count = len(ids[arm])
-        assert f'qlora_requests_total{{arm="{arm}",model="{NAME}@{arm}",version="{NAME}/{1 if arm == "champion" else 2}"}}' \
-               f" {float(count)}" in metrics
-        assert f'qlora_feedback_score_count{{arm="{arm}",version="{NAME}/{1 if arm == "champion" else 2}"}} ' \
-               f"{float(count)}" in metrics
+        count, version = float(len(ids[arm])), f"{NAME}/{1 if arm == 'champion' else 2}"
+        assert f'qlora_requests_total{{arm="{arm}",model="{NAME}@{arm}",version="{version}"}} {count}' in metrics
+        assert f'qlora_feedback_score_count{{arm="{arm}",version="{version}"}} {count}' in metrics
     assert "qlora_request_latency_seconds_bucket" in metrics and "qlora_batch_size_bucket" in metrics
 
     server.summaries.flush()  # what the periodic thread does every serving.summary_interval_s
@@ -339,3 +349,27 @@ def test_serving_config_rejects_unknown_keys_and_bad_arms(make_config) -> None:
     with pytest.raises(ConfigError, match="models:/<name>@<alias>"):
         make_config("serving.models=[models:/broken]")
     assert Path(make_config("serving.models=[/tmp/x/adapter]").serving.models[0].served_name()) == Path("adapter")
+
+
+def test_export_merges_and_matches_base_plus_adapter(served, tmp_path) -> None:
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from configs.schema import ConfigError
+    from tasks.export import export_merged
+
+    _, config, _ = served
+    out = tmp_path / "merged"
+    result = export_merged(config, f"models:/{NAME}/1", out, dtype="float32", register=True)
+    assert result.same_argmax and result.relative_diff < 1e-2, result
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= files and "adapter_config.json" not in files
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template, "the chat template travels with the merged model"
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    registry = MlflowClient(tracking_uri=config.registry.tracking_uri, registry_uri=config.registry.tracking_uri)
+    version = registry.get_model_version(f"{NAME}-merged", result.registered.rsplit("/", 1)[1])
+    assert version.tags["adapter_uri"] == f"models:/{NAME}/1"
+    with pytest.raises(ConfigError, match="not empty"):
+        export_merged(config, f"models:/{NAME}/1", out)
