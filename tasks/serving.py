@@ -250,6 +250,12 @@ def create_app(config: PipelineConfig, token: str | None = None) -> FastAPI:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error")
 
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error", exc_info=exc)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error",
+                              kind="server_error")
+
     def require_ready() -> None:
         if not server.ready:
             detail = f"loading failed: {server.load_error}" if server.load_error else "the models are still loading"
@@ -281,7 +287,7 @@ def create_app(config: PipelineConfig, token: str | None = None) -> FastAPI:
         require_ready()
         try:
             switched = await asyncio.to_thread(server.pool.refresh)
-        except ConfigError as exc:
+        except Exception as exc:  # the registry is away or the alias is gone: the loaded versions keep serving
             raise ServingError(502, f"could not check the registry: {exc}", "registry_unavailable",
                                kind="server_error") from exc
         for change in switched:

@@ -373,3 +373,21 @@ def test_export_merges_and_matches_base_plus_adapter(served, tmp_path) -> None:
     assert version.tags["adapter_uri"] == f"models:/{NAME}/1"
     with pytest.raises(ConfigError, match="not empty"):
         export_merged(config, f"models:/{NAME}/1", out)
+
+
+def test_serve_model_command_refuses_a_public_bind_without_a_token(make_config, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO_ROOT
+
+    config_file = tmp_path / "serving.yaml"
+    config_file.write_text(yaml.safe_dump(make_config(f"serving.models=[models:/{CHAMPION}]").model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "QLORA_SERVING_TOKEN"} | {"PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "serve-model", "--config", str(config_file),
+                           "--host", "0.0.0.0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "QLORA_SERVING_TOKEN" in proc.stderr and "0.0.0.0" in proc.stderr
