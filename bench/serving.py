@@ -55,7 +55,8 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 600) -> N
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
+            error = process.stderr.read().decode(errors="replace")[-3000:] if process.stderr else ""
+            raise RuntimeError(f"server exited with {process.returncode}: {error}")
         try:
             if httpx.get(url, timeout=5).status_code == 200:
                 return
@@ -69,7 +70,7 @@ def start_qlora(db: Path, models: list[str], port: int, env: dict[str, str], bat
     args = [sys.executable, "-m", "flows.cli", "serve-model", "--port", str(port),
             "--set", f"registry.tracking_uri=sqlite:///{db}", "--set", f"serving.models={json.dumps(models)}",
             "--set", "serving.watch_interval_s=1", "--set", f"serving.max_batch_size={batch}",
-            "--set", "serving.max_wait_ms=5", "--set", "serving.summary_interval_s=0",
+            "--set", "serving.max_wait_ms=5", "--set", "serving.summary_interval_s=0", "--set", "serving.ab={}",
             "--set", f"training.output_dir={db.parent / 'out'}"]
     return subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -119,7 +120,7 @@ def load(send: Any, clients: int, seconds: float, halfway: Any = None) -> dict[s
 
 
 def bench_load(db: Path, name: str, versions: list[str], env: dict[str, str], clients: int, seconds: float,
-               max_tokens: int) -> dict[str, Any]:
+               max_tokens: int, adapter: Path) -> dict[str, Any]:
     import httpx
     from mlflow import MlflowClient
 
@@ -134,9 +135,10 @@ def bench_load(db: Path, name: str, versions: list[str], env: dict[str, str], cl
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=httpx.Limits(
             max_connections=clients))
 
-        def send() -> tuple[int, str]:
-            response = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": max_tokens,
-                                                          "model": f"{name}@champion"})
+        def send() -> tuple[int, str]:  # chat: rendered with the chat template, as the pyfunc model does
+            response = http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+                "model": f"{name}@champion"})
             response.raise_for_status()
             return response.json()["usage"]["completion_tokens"], response.headers["x-qlora-model-version"]
 
@@ -148,6 +150,9 @@ def bench_load(db: Path, name: str, versions: list[str], env: dict[str, str], cl
         server.wait(60)
     registry.set_registered_model_alias(name, "champion", versions[0])
 
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
     port = free_port()
     server = start_mlflow(db, f"models:/{name}/{versions[0]}", port, env)
     try:
@@ -157,7 +162,8 @@ def bench_load(db: Path, name: str, versions: list[str], env: dict[str, str], cl
         def send_mlflow() -> tuple[int, str]:
             response = http.post("/invocations", json={"inputs": [PROMPT], "params": {"max_new_tokens": max_tokens}})
             response.raise_for_status()
-            return max_tokens, ""  # the pyfunc returns text only; counted as max_tokens (an upper bound)
+            (text,) = response.json()["predictions"]  # text only: its tokens counted with the adapter's tokenizer
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"]), ""
 
         send_mlflow()
         out["mlflow"] = load(send_mlflow, clients, seconds)
@@ -237,8 +243,10 @@ def main() -> None:
         args.clients, args.seconds, args.adapters = 2, 10.0, 2
     from mlflow import MlflowClient
 
+    # mlflow models serve execs `uvicorn` from PATH: the interpreter's own bin folder goes first
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with tempfile.TemporaryDirectory(prefix="qlora-bench-serving-") as tmp:
         db = Path(tmp) / "mlflow.db"
         shutil.copyfile(args.db, db)
@@ -251,7 +259,7 @@ def main() -> None:
             "command": " ".join(["python -m bench.serving", *sys.argv[1:]]), "load_before": os.getloadavg(),
             "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens}
         results["load"] = bench_load(db, args.name, [versions[0], versions[-1]], env, args.clients, args.seconds,
-                                     args.max_tokens)
+                                     args.max_tokens, args.adapter)
         results["memory"] = bench_memory(db, args.adapter, args.adapters, env)
         results["load_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
