@@ -16,6 +16,7 @@ prompt or a max_tokens above the cap (400), a missing or wrong bearer token (401
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import json
@@ -181,6 +182,32 @@ class ModelServer:
             raise ServingError(404, f"model '{model}' is not served here; served models: {served} (GET /v1/models)",
                                "model_not_found", "model") from None
 
+    def submit(self, lease: Lease, jobs: list[Job]) -> list[concurrent.futures.Future]:
+        """Queue the jobs; the lease is released when the last of them is answered (or failed), never
+        earlier, so an adapter is not unloaded while a job for it waits in the queue, even when the client
+        has gone away."""
+        left, lock = [len(jobs)], threading.Lock()
+
+        def finished(_: concurrent.futures.Future) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self.pool.release(lease)
+
+        futures = []
+        try:
+            for job in jobs:
+                futures.append(self.batcher.submit(job))
+        except Exception:
+            for job in jobs[len(futures):]:
+                job.future.set_exception(RuntimeError("not queued: the server is shutting down"))
+            raise
+        finally:
+            for job in jobs:
+                job.future.add_done_callback(finished)
+        return futures
+
     def encode(self, lease: Lease, text: str) -> list[int]:
         ids = lease.slot.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.serving.max_prompt_tokens:
@@ -322,17 +349,16 @@ def create_app(config: PipelineConfig, token: str | None = None) -> FastAPI:
             started = time.monotonic()
             jobs = [Job(ids, lease, limit, do_sample=temperature > 0, temperature=temperature or 1.0)
                     for ids in prompts]
-            answers: list[Answer] = await asyncio.gather(*(asyncio.wrap_future(server.batcher.submit(j)) for j in jobs))
-        except ServingError as exc:
+            futures = server.submit(lease, jobs)  # from here on, the jobs' completion releases the lease
+            answers: list[Answer] = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        except ServingError as exc:  # refused before anything was queued
             server.metrics.errors.labels(*labels, str(exc.status)).inc()
             server.pool.release(lease)
             raise
         except Exception:
             server.metrics.errors.labels(*labels, "500").inc()
             server.stats.failed(arm, lease.slot.version)
-            server.pool.release(lease)
             raise
-        server.pool.release(lease)
         elapsed = time.monotonic() - started
         record(request_id, labels, sum(len(a.token_ids) for a in answers), elapsed)
         usage = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": sum(len(a.token_ids) for a in answers)}
@@ -364,7 +390,7 @@ def create_app(config: PipelineConfig, token: str | None = None) -> FastAPI:
         job = Job(prompt, lease, limit, do_sample=temperature > 0, temperature=temperature or 1.0,
                   on_token=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token))
         started = time.monotonic()
-        future = asyncio.wrap_future(server.batcher.submit(job))
+        future = asyncio.wrap_future(server.submit(lease, [job])[0])  # its completion releases the lease
         future.add_done_callback(lambda _: tokens.put_nowait(None))
         labels = (arm, lease.entry_name, lease.slot.version)
         created = int(time.time())
@@ -403,8 +429,6 @@ def create_app(config: PipelineConfig, token: str | None = None) -> FastAPI:
                 server.metrics.errors.labels(*labels, "500").inc()
                 server.stats.failed(arm, lease.slot.version)
                 yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
-            finally:
-                server.pool.release(lease)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(request_id, lease, arm))
 

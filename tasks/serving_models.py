@@ -249,10 +249,10 @@ class ModelPool:
             return Lease(name, entry.slot)
 
     def release(self, lease: Lease) -> None:
-        if lease.released:
-            return
-        lease.released = True
-        with self.lock:
+        with self.lock:  # idempotent: a stream's generator and its background task may both release
+            if lease.released:
+                return
+            lease.released = True
             lease.slot.in_flight -= 1
             unload = lease.slot.retired and lease.slot.in_flight == 0
         if unload:  # not in the caller's thread: it may be the event loop, and a batch may hold the model
