@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 
-.PHONY: install demo test lint demo-assets mlflow-ui ui serve bench stack-test clean
+.PHONY: install demo test lint demo-assets mlflow-ui ui serve serve-model bench bench-serving stack-test clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/qlora serve --config $(CONFIG)
 
+# The OpenAI-compatible model server for the registered adapters (config section `serving:`), on
+# http://127.0.0.1:8000; follows the champion alias at runtime. Ctrl-C stops it.
+serve-model: $(STAMP)
+	$(BIN)/qlora serve-model --config $(CONFIG)
+
 # Local Prefect server and MLflow UI on 127.0.0.1; Ctrl-C stops both.
 ui: $(STAMP)
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)"
@@ -53,6 +58,10 @@ mlflow-ui: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Serving load and memory benchmarks (needs two registered versions: run `make demo` twice).
+bench-serving: $(STAMP)
+	$(BIN)/python -m bench.serving
 
 # The server stack without Docker: PostgreSQL on 127.0.0.1:5432 (QLORA_STACK_POSTGRES_URL), MLflow with
 # basic auth and a Prefect server on it, the demo flow run against both. Also part of `make test`.

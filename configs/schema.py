@@ -217,6 +217,72 @@ class RegistryConfig(_Section):
     )
 
 
+class ServedModel(_Section):
+    """One adapter the model server answers with: a registry URI or an adapter folder, and its name in the API."""
+
+    source: str = Field(description="models:/<name>@<alias>, models:/<name>/<version>, or a peft adapter folder")
+    name: str | None = Field(None, description="the `model` field that picks it; default: <name>@<alias>, "
+                                               "<name>/<version>, or the folder's name")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        import re
+
+        if value.startswith("models:/") and not re.fullmatch(r"models:/[^/@]+(/\d+|@[\w-]+)/?", value):
+            raise ValueError(f"serving.models: '{value}' must look like models:/<name>@<alias> or "
+                             "models:/<name>/<version>")
+        return value.rstrip("/") if value.startswith("models:/") else value
+
+    def served_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.source.startswith("models:/"):
+            return self.source.removeprefix("models:/")
+        return Path(self.source).name
+
+
+class ServingConfig(_Section):
+    """What `qlora serve-model` serves and its limits; see README "Serving"."""
+
+    models: list[ServedModel] = Field(default_factory=list, description="adapters served on the one base")
+    host: str = Field("127.0.0.1", description="beyond 127.0.0.1 a bearer token (QLORA_SERVING_TOKEN) is required")
+    port: int = Field(8000, ge=0, le=65535)
+    ab: dict[str, float] = Field(
+        default_factory=dict, description="arm -> weight for requests naming no model; an arm is a served model's "
+                                          "name or the alias of one served models:/<name>@<alias>")
+    max_batch_size: int = Field(8, ge=1, description="most requests answered in one generate")
+    max_wait_ms: float = Field(10.0, ge=0, description="longest a request waits for others to join its batch")
+    watch_interval_s: float = Field(30.0, ge=0, description="how often served aliases are checked; 0: never")
+    max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are refused with 400")
+    max_tokens: int = Field(256, ge=1, description="cap on a request's max_tokens")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens of a request that names none")
+    summary_interval_s: float = Field(60.0, ge=0, description="per-arm summaries to MLflow this often; 0: never")
+    experiment_name: str | None = Field(None, description="MLflow experiment of the summaries; "
+                                                          "default <registry.experiment_name>-serving")
+    feedback_window: int = Field(100_000, ge=1, description="most recent request ids kept for feedback")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _plain_sources(cls, value: Any) -> Any:
+        """A plain string entry is a source with the default name."""
+        if isinstance(value, list):
+            return [{"source": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_models(self) -> ServingConfig:
+        names = [m.served_name() for m in self.models]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"serving.models: served names {duplicated} repeat; give each entry its own `name`")
+        if "__base__" in names:
+            raise ValueError("serving.models: '__base__' is reserved for the base model without an adapter")
+        if any(weight < 0 for weight in self.ab.values()) or (self.ab and sum(self.ab.values()) <= 0):
+            raise ValueError(f"serving.ab: weights must be >= 0 with a positive sum, got {self.ab}")
+        return self
+
+
 class PipelineConfig(_Section):
     data: DataConfig
     model: ModelConfig
@@ -225,6 +291,7 @@ class PipelineConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
+    serving: ServingConfig = ServingConfig()
 
     def config_hash(self) -> str:
         """Content hash of the resolved config; recorded with every registered version."""

@@ -290,6 +290,68 @@ def serve_command(
                         parameters={"config_path": flow_config_path(config), "overrides": list(set_ or [])})
 
 
+@app.command("serve-model")
+@pipeline_errors
+def serve_model_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default serving.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default serving.port)")] = None,
+) -> None:
+    """Serve the adapters of serving.models over an OpenAI-compatible HTTP API (one base in memory).
+
+    Binding beyond 127.0.0.1 needs a bearer token in QLORA_SERVING_TOKEN; see README "Serving"."""
+    from tasks.serving import serve
+
+    cfg = load(config, set_)
+    if host is not None:
+        cfg.serving.host = host
+    if port is not None:
+        cfg.serving.port = port
+    serve(cfg)
+
+
+@app.command("ab-report")
+@pipeline_errors
+def ab_report_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    run_id: Annotated[str | None, typer.Option(help="serving run (default: the latest of the serving experiment)")]
+    = None,
+    level: Annotated[float, typer.Option(help="significance level of the feedback test")] = 0.05,
+) -> None:
+    """The A/B arms of a serving run side by side, with Welch's t-test on their feedback scores."""
+    from tasks.serving_ab import ab_report, format_report
+
+    arms, extra = ab_report(load(config, set_), run_id)
+    print(format_report(arms, extra, level))
+
+
+@app.command("export")
+@pipeline_errors
+def export_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="models:/NAME@ALIAS, models:/NAME/N or adapter folder")],
+    out: Annotated[Path, typer.Option("--out", help="new folder for the merged model")],
+    merge: Annotated[bool, typer.Option("--merge", help="merge the adapter into the dequantized base")] = False,
+    dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32")] = "float16",
+    register: Annotated[bool, typer.Option("--register", help="register as <name>-merged, linked to the version")]
+    = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Export a standalone model for vLLM/TGI/transformers: base dequantized, adapter merged, logits checked."""
+    from configs.schema import ConfigError
+    from tasks.export import export_merged
+
+    if not merge:
+        raise ConfigError("export writes merged models only: pass --merge (serve adapters unmerged with "
+                          "`qlora serve-model` or vLLM --enable-lora, see README \"Serving\")")
+    result = export_merged(load(config, set_), model, out, dtype=dtype, register=register)
+    console.print(f"merged model: {result.out_dir} ({result.dtype}); largest next-token logit difference to "
+                  f"base + adapter {result.max_abs_diff:.3g} ({result.relative_diff:.3%})"
+                  + (f"\nregistered: {result.registered}" if result.registered else ""), markup=False)
+
+
 def main() -> None:
     try:
         app()

@@ -37,37 +37,59 @@ def generation_config(tokenizer: Any, max_new_tokens: int, do_sample: bool = Fal
     )
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-             batch_size: int = DEFAULT_BATCH_SIZE, do_sample: bool = False, temperature: float = 1.0) -> list[str]:
-    """Answers to `prompts` (already rendered with the chat template), in their order, stripped.
+def generate_tokens(model: Any, tokenizer: Any, rows: list[list[int]], config: Any,
+                    adapter_names: list[str] | None = None, streamer: Any = None) -> list[list[int]]:
+    """The new token ids of one padded batch of already-tokenized prompts, one list per row, in order.
 
-    The model is put in eval mode for the call and given back in the mode it came in; the
-    tokenizer's padding side is restored too (training may share it with right padding).
+    The step under `generate()` and under the server's batcher: rows padded on the left, eval mode and
+    `torch.inference_mode` for the call. `adapter_names` (one per row; peft's `"__base__"` for none) runs
+    a peft mixed-adapter batch, each row through its own LoRA adapter on the one shared base. A
+    `streamer` (transformers' BaseStreamer protocol) receives each step's tokens of the whole batch.
+    Rows keep their padding after eos; decoding with skip_special_tokens drops it.
     """
     import torch
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pin_cpu_4bit_path(model)  # a flag switched on after loading would change the numbers on some CPUs
-    config = generation_config(tokenizer, max_new_tokens, do_sample, temperature)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
-    outputs: list[str] = [""] * len(prompts)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
+    extra = {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
+    if streamer is not None:
+        extra["streamer"] = streamer
     try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, padding=True, return_tensors="pt")
-            batch = {key: value.to(model.device) for key, value in batch.items()}
-            with torch.inference_mode():
-                generated = model.generate(**batch, generation_config=config)
-            new_tokens = generated[:, batch["input_ids"].shape[1]:]
-            for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
-                outputs[i] = text.strip()
+        batch = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        with torch.inference_mode():
+            generated = model.generate(**batch, generation_config=config, **extra)
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
+    return generated[:, batch["input_ids"].shape[1]:].tolist()
+
+
+def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+             batch_size: int = DEFAULT_BATCH_SIZE, do_sample: bool = False, temperature: float = 1.0,
+             adapter_names: list[str] | None = None) -> list[str]:
+    """Answers to `prompts` (already rendered with the chat template), in their order, stripped.
+
+    The model is put in eval mode for the call and given back in the mode it came in; the
+    tokenizer's padding side is restored too (training may share it with right padding).
+    `adapter_names` (one per prompt) answers each prompt with its own adapter of a multi-adapter
+    PeftModel, in mixed batches.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries for {len(prompts)} prompts")
+    config = generation_config(tokenizer, max_new_tokens, do_sample, temperature)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    outputs: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        names = [adapter_names[i] for i in rows] if adapter_names is not None else None
+        new_tokens = generate_tokens(model, tokenizer, [encoded[i] for i in rows], config, names)
+        for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+            outputs[i] = text.strip()
     return outputs
