@@ -130,7 +130,7 @@ def _config_reference(config: PipelineConfig) -> dict[str, Any]:
 def register_merged(config: PipelineConfig, name: str, version: str | None, out_dir: Path,
                     result: ExportResult) -> str:
     """Register the merged folder as a version of `<name>-merged`, linked to the adapter version; returns its URI."""
-    from tasks.register import _await_ready, ensure_registered_model
+    from tasks.registry import await_ready, ensure_registered_model
     from tasks.tracking import apply_http_settings, client_for, ensure_experiment, resolve_tracking_uri
 
     apply_http_settings(config)
@@ -149,5 +149,5 @@ def register_merged(config: PipelineConfig, name: str, version: str | None, out_
               "dtype": result.dtype, "max_abs_logit_diff": f"{result.max_abs_diff:.6g}"},
         description=f"`models:/{name}/{version}` merged into its dequantized base ({result.dtype}); "
                     f"largest next-token logit difference to base + adapter: {result.max_abs_diff:.4g}.")
-    _await_ready(client, merged_name, str(created.version))
+    await_ready(client, merged_name, str(created.version))
     return f"models:/{merged_name}/{created.version}"

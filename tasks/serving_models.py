@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import ConfigError, PipelineConfig, ServedModel
+from tasks.adapter import ADAPTER_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +103,12 @@ def locate_adapter(config: PipelineConfig, source: str, client: Any = None, uri:
     """A registry URI's version resolved (alias followed) and its adapter downloaded, or a folder checked."""
     from mlflow.exceptions import MlflowException
 
-    from tasks.register import download_adapter
+    from tasks.registry import download_adapter
 
     if not source.startswith("models:/"):
         folder = Path(source).resolve()
-        if not (folder / "adapter_config.json").is_file():
-            raise ConfigError(f"{source} has no adapter_config.json; point it at a peft adapter folder "
+        if not (folder / ADAPTER_CONFIG).is_file():
+            raise ConfigError(f"{source} has no {ADAPTER_CONFIG}; point it at a peft adapter folder "
                               "(<training.output_dir>/adapter) or a models:/<name>@<alias> or models:/<name>/<N> URI")
         return LocatedAdapter(str(folder), folder, None)
     if client is None:
@@ -179,7 +180,7 @@ class ModelPool:
     def _base_reference(self, references: list[dict[str, Any]]) -> dict[str, Any]:
         """The one base every served adapter was trained on; refuses a mix."""
         from tasks.modeling import base_model_reference
-        from tasks.register import base_label
+        from tasks.registry import base_label
 
         config_reference = {**base_model_reference(self.config), "quantization": {
             "load_in_4bit": self.config.quantization.load_in_4bit, "quant_type": self.config.quantization.quant_type,
@@ -273,7 +274,7 @@ class ModelPool:
 
     def refresh(self) -> list[dict[str, Any]]:
         """Follow every served alias that moved: load the new version, switch, retire the old one."""
-        from tasks.register import download_adapter
+        from tasks.registry import download_adapter
 
         switched = []
         for entry in [e for e in self.entries.values() if e.alias is not None]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import make_eval_report
+from tests.conftest import typed_eval_report
 
 TOKEN = "test-serving-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -87,8 +87,8 @@ def served(trained, second_adapter, mlflow_store_template, tmp_path_factory):
     registry = config.registry
     registry.tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
     registry.request_max_retries, registry.request_timeout_s, registry.log_input_example = 0, 10, False
-    first = register_adapter(config, trained[3].adapter_dir, make_eval_report())
-    second = register_adapter(config, second_adapter, make_eval_report(adapter=55.0, champion=60.0))
+    first = register_adapter(config, trained[3].adapter_dir, typed_eval_report())
+    second = register_adapter(config, second_adapter, typed_eval_report(adapter=55.0, champion=60.0))
     assert (first.version, first.promoted, second.version, second.promoted) == ("1", True, "2", False)
     config.serving = config.serving.model_validate({
         "models": [f"models:/{CHAMPION}", f"models:/{CHALLENGER}"],
