@@ -6,10 +6,15 @@ similar length (less padding) padded on the left (every row ends where generatio
 `GenerationConfig` that names its stop tokens (the template's end of turn and eos) and pad itself (the
 model's own generation defaults are not consulted), `torch.inference_mode`, and only the tokens after
 each prompt decoded.
+
+`generate_with_stops()` is the same call that also says, per row, whether the model stopped by itself
+(emitted a stop token) or ran into `max_new_tokens`: evaluation reports the share of such runaway
+answers, and the promotion gate refuses an adapter that rambles. `generate()` is its text alone.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tasks.chat import stop_token_ids
@@ -37,12 +42,34 @@ def generation_config(tokenizer: Any, max_new_tokens: int, do_sample: bool = Fal
     )
 
 
+@dataclass(frozen=True)
+class Generations:
+    """Answers in prompt order, and for each whether it ended with a stop token (False: it hit max_new_tokens)."""
+
+    texts: list[str]
+    stopped: list[bool]
+
+    @property
+    def runaway_share(self) -> float:
+        """Share of answers cut by max_new_tokens instead of ending themselves (0.0 for no answers)."""
+        return (len(self.stopped) - sum(self.stopped)) / len(self.stopped) if self.stopped else 0.0
+
+
 def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
              batch_size: int = DEFAULT_BATCH_SIZE, do_sample: bool = False, temperature: float = 1.0) -> list[str]:
-    """Answers to `prompts` (already rendered with the chat template), in their order, stripped.
+    """Answers to `prompts` (already rendered with the chat template), in their order, stripped."""
+    return generate_with_stops(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature).texts
 
-    The model is put in eval mode for the call and given back in the mode it came in; the
-    tokenizer's padding side is restored too (training may share it with right padding).
+
+def generate_with_stops(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+                        batch_size: int = DEFAULT_BATCH_SIZE, do_sample: bool = False,
+                        temperature: float = 1.0) -> Generations:
+    """`generate()`'s answers plus, per row, whether it stopped at a stop token (the one generation loop).
+
+    A row stopped when its new tokens hold one of the stop tokens: `generate` pads a finished row
+    after its stop token, and a row that never stops fills all max_new_tokens. The model is put in
+    eval mode for the call and given back in the mode it came in; the tokenizer's padding side is
+    restored too (training may share it with right padding).
     """
     import torch
 
@@ -53,6 +80,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     outputs: list[str] = [""] * len(prompts)
+    stopped: list[bool] = [False] * len(prompts)
+    stop_ids = torch.tensor(sorted(set(stop_token_ids(tokenizer))), dtype=torch.long)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     was_training = model.training
@@ -65,9 +94,12 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
             with torch.inference_mode():
                 generated = model.generate(**batch, generation_config=config)
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
-            for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+            ended = torch.isin(new_tokens.cpu(), stop_ids).any(dim=1).tolist()
+            for i, text, done in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), ended,
+                                     strict=True):
                 outputs[i] = text.strip()
+                stopped[i] = bool(done)
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    return outputs
+    return Generations(outputs, stopped)
