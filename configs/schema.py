@@ -191,6 +191,22 @@ class EvaluationConfig(_Section):
     significance_level: float = Field(0.05, gt=0, lt=1)
     champion_adapter: str | None = Field(None, description="adapter dir or models:/ URI to compare against")
     seed: int = 12345
+    general_text: Path | None = Field(
+        None, description="text file, one passage per line, the adapter must not get worse at: base and adapter "
+                          "mean token loss on it are reported (guard: registry.guard_metrics.forgetting)"
+    )
+    canaries: Path | None = Field(
+        None, description="YAML list of {prompt, expect: {exact|contains|regex}} checks run on every candidate; "
+                          "any failure blocks promotion"
+    )
+
+
+# Scores of generated text, in points 0-100, higher is better: each can be the primary metric or a guard.
+TextMetric = Literal["bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "chrf", "exact_match"]
+# Guards on losses, lower is better: guard name -> the per-system score it watches. `forgetting` watches the
+# mean token loss on evaluation.general_text; its tolerance is the largest tolerated loss increase.
+LOSS_GUARDS: dict[str, str] = {"forgetting": "general_text_loss"}
+GuardMetric = Literal["bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "chrf", "exact_match", "forgetting"]
 
 
 class RegistryConfig(_Section):
@@ -199,10 +215,17 @@ class RegistryConfig(_Section):
     )
     experiment_name: str = "qlora-pipeline"
     model_name: str = "demo-qlora-adapter"
-    primary_metric: Literal["bleu", "rouge1", "rouge2", "rougeL", "rougeLsum"] = "bleu"
-    guard_metrics: dict[str, float] = Field(
+    primary_metric: TextMetric = "bleu"
+    guard_metrics: dict[GuardMetric, float] = Field(
         default_factory=lambda: {"rougeL": 1.0},
-        description="metric -> largest tolerated drop (points) against base and champion",
+        description="metric -> tolerance against base and champion: for a text metric (higher is better) the "
+                    "largest tolerated drop in points; for `forgetting` (a loss, lower is better) the largest "
+                    "tolerated increase of the general-text loss",
+    )
+    max_runaway_share: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="largest share of the adapter's answers that may hit max_new_tokens without a stop token "
+                    "(it must also be no worse than the champion's)",
     )
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
@@ -215,6 +238,15 @@ class RegistryConfig(_Section):
     log_input_example: bool = Field(
         True, description="store an input example with the model; MLflow then loads it and predicts once at logging"
     )
+
+    @field_validator("guard_metrics")
+    @classmethod
+    def _tolerances_not_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = {metric: tolerance for metric, tolerance in value.items() if tolerance < 0}
+        if negative:
+            raise ValueError(f"guard tolerances must be >= 0 (a drop, or for forgetting a loss increase), got "
+                             f"{negative}")
+        return value
 
 
 class ServedModel(_Section):

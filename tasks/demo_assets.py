@@ -35,10 +35,23 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
+GENERAL_TEXT_LINES = 100
+
+
 @dataclass(frozen=True)
 class DemoAssets:
     data_path: Path
     model_dir: Path
+
+    @property
+    def general_text_path(self) -> Path:
+        """Plain English sentences of the kind the base was pretrained on (evaluation.general_text)."""
+        return self.data_path.parent / "general.txt"
+
+    @property
+    def canaries_path(self) -> Path:
+        """Canary checks of the demo task (evaluation.canaries), written from the lexicon."""
+        return self.data_path.parent / "canaries.yaml"
 
 
 def zorbish_lexicon(seed: int) -> dict[str, str]:
@@ -78,6 +91,52 @@ def generate_rows(seed: int, count: int) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def general_text(seed: int, count: int = GENERAL_TEXT_LINES) -> list[str]:
+    """`count` English sentences drawn like the base's pretraining sentences (their own random stream).
+
+    The demo base was pretrained to repeat such sentences; the adapter should not get worse at them
+    (evaluation.general_text measures its loss on them: forgetting).
+    """
+    rng = random.Random(seed + 2)
+    return [" ".join(rng.choice(SOURCE_WORDS) for _ in range(rng.randint(3, 8))) for _ in range(count)]
+
+
+def demo_canaries(seed: int) -> str:
+    """The demo's canary file (YAML): answers in Zorbish, not English, and knows two words.
+
+    Written from the lexicon, so the expected words are right for the seed; `contains` and a
+    regex rather than `exact`, so a good adapter passes with a word or two still wrong elsewhere.
+    """
+    import yaml
+
+    lexicon = zorbish_lexicon(seed)
+    entries = [
+        {"name": "answers in Zorbish, not English", "prompt": "Rewrite this in Zorbish.\n\nthe red cat runs",
+         "expect": {"regex": r"^(?!.*\b(the|red|cat|runs)\b)\S"}},
+        {"name": "knows the word for red", "prompt": "Rewrite this in Zorbish.\n\nred cat",
+         "expect": {"contains": lexicon["red"]}},
+        {"name": "knows the word for fish", "prompt": "Give the Zorbish version of the text.\n\nbig fish",
+         "expect": {"contains": lexicon["fish"]}},
+    ]
+    header = ("# Canaries of the demo adapter (evaluation.canaries), written by `qlora demo-assets` from the lexicon.\n"
+              "# Each: {name (optional), prompt (the user message), expect: one of exact | contains | regex}.\n")
+    # JSON strings are YAML double-quoted scalars: the prompts' line breaks stay readable as \\n
+    body = "".join(f"- name: {json.dumps(e['name'])}\n  prompt: {json.dumps(e['prompt'])}\n"
+                   f"  expect: {json.dumps(e['expect'])}\n" for e in entries)
+    assert yaml.safe_load(body) == entries
+    return header + body
+
+
+def write_general_text(assets: DemoAssets, seed: int) -> None:
+    """Write the general-text and canary files (deterministic, cheap: written whenever missing, even for
+    assets built before they existed)."""
+    assets.general_text_path.parent.mkdir(parents=True, exist_ok=True)
+    if not assets.general_text_path.exists():
+        assets.general_text_path.write_text("".join(line + "\n" for line in general_text(seed)))
+    if not assets.canaries_path.exists():
+        assets.canaries_path.write_text(demo_canaries(seed))
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):  # -> PreTrainedTokenizerFast
@@ -194,6 +253,7 @@ def build_demo_assets(out_dir: Path = DEFAULT_ASSETS_DIR, seed: int = 0, rows: i
     out_dir = Path(out_dir)
     assets = DemoAssets(out_dir / "data" / "demo.jsonl", out_dir / "model")
     if assets_ready(out_dir) and not force:
+        write_general_text(assets, seed)
         return assets
     data = generate_rows(seed, rows)
     assets.data_path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,5 +266,8 @@ def build_demo_assets(out_dir: Path = DEFAULT_ASSETS_DIR, seed: int = 0, rows: i
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(assets.model_dir)
     tokenizer.save_pretrained(assets.model_dir)
+    assets.general_text_path.unlink(missing_ok=True)
+    assets.canaries_path.unlink(missing_ok=True)
+    write_general_text(assets, seed)
     (out_dir / "assets.json").write_text(json.dumps({"version": ASSETS_VERSION, "seed": seed, "rows": rows}))
     return assets

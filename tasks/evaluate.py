@@ -6,10 +6,15 @@ copy of the base weights is ever resident. Every system answers the same prompts
 training template, through `tasks.generation.generate` (the same function the registered model
 answers with: batched greedy generation, left padding, only the new tokens decoded).
 
-Scores are on one 0-100 points scale: corpus BLEU (sacrebleu) and ROUGE-1/2/L/Lsum F-measures
-(rouge-score), plus the eval loss (mean token loss on the responses, masked as in training) and its
-perplexity. A comparison reports `candidate - baseline` with a 95% interval and a p-value from a
+Scores are on one 0-100 points scale: corpus BLEU and chrF (sacrebleu), ROUGE-1/2/L/Lsum F-measures
+(rouge-score) and exact match, plus the eval loss (mean token loss on the responses, masked as in
+training) and its perplexity, and the runaway share (answers that hit max_new_tokens without a stop
+token). A comparison reports `candidate - baseline` with a 95% interval and a p-value from a
 paired bootstrap; `significant` means p < evaluation.significance_level (two-sided: check the sign).
+
+Two checks guard against what the task metrics cannot see: the mean token loss of each system on
+`evaluation.general_text` (forgetting: the adapter should not get worse at general text), and the
+`evaluation.canaries` (tasks/canaries.py) answered by the adapter.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from typing import Any
 
 from configs.schema import ConfigError, PipelineConfig
 from tasks.adapter import check_adapter_base, check_adapter_modules, read_adapter_config
+from tasks.canaries import canary_failures_markdown, check_canaries, load_canaries
 from tasks.data import IGNORE_INDEX, DataError, DatasetSplits, Example, render_prompt, tokenize_example
 from tasks.formatting import format_p_value
-from tasks.generation import generate
+from tasks.generation import generate_with_stops
 from tasks.gpu import TrainingPlan
 from tasks.json_values import JsonDataclass
 from tasks.modeling import (
@@ -39,9 +45,9 @@ from tasks.modeling import (
 REPORT_FILE = "eval_report.json"
 SUMMARY_FILE = "eval_summary.md"
 SAMPLES_FILE = "eval_samples.json"
-METRIC_KEYS = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum")
+METRIC_KEYS = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "chrf", "exact_match")
 METRIC_LABELS = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
-                 "rougeLsum": "ROUGE-Lsum"}
+                 "rougeLsum": "ROUGE-Lsum", "chrf": "chrF", "exact_match": "exact match"}
 CHAMPION = "champion"
 
 
@@ -53,15 +59,51 @@ def eval_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_lengt
               batch_size: int, train_on: str = "all_assistant") -> tuple[float | None, float | None]:
     """(mean loss per response token, perplexity) with the prompt masked exactly as in training.
 
-    Rows are padded on the right so positions start at 0 as in training; the mean is over all
-    response tokens of the split (not a mean of batch means). None when no response token is left
-    after truncation to max_seq_length (perplexity also None if it overflows a float).
+    None when no response token is left after truncation to max_seq_length (perplexity also None if
+    it overflows a float).
+    """
+    features = [tokenize_example(tokenizer, e, max_seq_length, train_on) for e in examples]
+    loss = mean_token_loss(model, tokenizer, features, batch_size)
+    if loss is None:
+        return None, None
+    return loss, math.exp(loss) if loss < 700 else None  # None, not inf: the report stays strict JSON
+
+
+def read_general_text(path: str | Path) -> list[str]:
+    """The passages of `evaluation.general_text`: one per non-blank line; a missing or empty file is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"evaluation.general_text: file {path} not found; point it at a text file with one "
+                          "passage per line, or unset it")
+    passages = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if not passages:
+        raise ConfigError(f"evaluation.general_text: {path} holds no text; add one passage per line, or unset it")
+    return passages
+
+
+def general_text_loss(model: Any, tokenizer: Any, passages: list[str], max_seq_length: int,
+                      batch_size: int) -> float | None:
+    """Mean token loss on plain passages (no chat template; every token after the first carries loss).
+
+    This is what the base was pretrained to do; an adapter that raises it has forgotten some of it.
+    """
+    features = []
+    for passage in passages:
+        ids = tokenizer(passage, add_special_tokens=True, truncation=True, max_length=max_seq_length)["input_ids"]
+        features.append({"input_ids": ids, "labels": list(ids)})
+    return mean_token_loss(model, tokenizer, features, batch_size)
+
+
+def mean_token_loss(model: Any, tokenizer: Any, features: list[dict[str, list[int]]],
+                    batch_size: int) -> float | None:
+    """Mean next-token loss over every labelled token of `features` (not a mean of batch means).
+
+    Rows are padded on the right so positions start at 0 as in training; None when no token is labelled.
     """
     import torch
     import torch.nn.functional as F
 
     pin_cpu_4bit_path(model)  # bitsandbytes' packed bf16 CPU path would change the loss on some CPUs
-    features = [tokenize_example(tokenizer, e, max_seq_length, train_on) for e in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_loss, total_tokens = 0.0, 0
     was_training = model.training
@@ -82,10 +124,7 @@ def eval_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_lengt
             total_tokens += int((shift_labels != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
-    if not total_tokens:
-        return None, None
-    loss = total_loss / total_tokens
-    return loss, math.exp(loss) if loss < 700 else None  # None, not inf: the report stays strict JSON
+    return total_loss / total_tokens if total_tokens else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,6 +149,8 @@ class EvalReport(JsonDataclass):
     adapter_dir: str = ""
     champion_adapter: str | None = None
     dataset_fingerprint: str = ""  # of the splits evaluated on (tasks.data.fingerprint), for lineage
+    general_text: dict[str, Any] | None = None  # {path, passages}; the losses are each system's general_text_loss
+    canaries: dict[str, Any] | None = None  # {path, results: [{name, prompt, expect, output, passed}], failed}
     outputs: dict[str, list[str]] = field(default_factory=dict, repr=False)  # every output, not in the JSON
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,17 +161,21 @@ class EvalReport(JsonDataclass):
     def markdown(self) -> str:
         g = self.generation
         sampling = f"sampling, temperature {g['temperature']}" if g["do_sample"] else "greedy"
+        metrics = [k for k in METRIC_KEYS if any(k in s for s in self.systems.values())]
         lines = [
             f"**Evaluation** on {self.n_samples} eval rows; {sampling}, batch {g['batch_size']}, "
             f"max {g['max_new_tokens']} new tokens; wall time {self.wall_time_s:.1f} s.",
             "",
-            "| system | " + " | ".join(METRIC_LABELS[k] for k in METRIC_KEYS)
-            + " | eval loss | perplexity | samples/s |",
-            "|---|" + "---:|" * (len(METRIC_KEYS) + 3),
+            "| system | " + " | ".join(METRIC_LABELS[k] for k in metrics)
+            + " | eval loss | perplexity | runaway | general-text loss | samples/s |",
+            "|---|" + "---:|" * (len(metrics) + 5),
         ]
         for name, s in self.systems.items():
-            cells = [f"{s[k]:.2f}" for k in METRIC_KEYS]
-            cells += [_fmt(s["eval_loss"], ".4f"), _fmt(s["perplexity"], ".2f"), f"{s['samples_per_s']:.2f}"]
+            cells = [_fmt(s.get(k), ".2f") for k in metrics]
+            runaway = s.get("runaway_share")
+            cells += [_fmt(s["eval_loss"], ".4f"), _fmt(s["perplexity"], ".2f"),
+                      "n/a" if runaway is None else f"{runaway:.1%}", _fmt(s.get("general_text_loss"), ".4f"),
+                      f"{s['samples_per_s']:.2f}"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += [
             "",
@@ -147,10 +192,27 @@ class EvalReport(JsonDataclass):
         lines += [
             "",
             f"Significant: paired bootstrap p < {self.significance_level} (two-sided; the sign of the delta says "
-            "which way). BLEU test: sacrebleu paired bootstrap; ROUGE-L: paired bootstrap over per-sample F-measures.",
-            f"BLEU signature: `{self.bleu_signature}`",
+            "which way). BLEU and chrF: sacrebleu paired bootstrap; ROUGE-L and exact match: paired bootstrap over "
+            "per-sample scores.",
+            f"BLEU signature: `{self.bleu_signature}`. Runaway: share of answers that hit max_new_tokens without "
+            "a stop token.",
         ]
+        lines += self.forgetting_markdown()
+        canaries = canary_failures_markdown(self.canaries)
+        if canaries:
+            lines += ["", *canaries]
         return "\n".join(lines)
+
+    def forgetting_markdown(self) -> list[str]:
+        """The general-text losses and the adapter's increase over the base (empty without general text)."""
+        if not self.general_text:
+            return []
+        base = self.systems.get("base", {}).get("general_text_loss")
+        adapter = self.systems.get("adapter", {}).get("general_text_loss")
+        delta = "n/a" if base is None or adapter is None else f"{adapter - base:+.4f}"
+        return ["", f"**Forgetting** on `{self.general_text['path']}` ({self.general_text['passages']} passages): "
+                f"mean token loss base {_fmt(base, '.4f')}, adapter {_fmt(adapter, '.4f')}, delta {delta} "
+                "(lower is better; guard `registry.guard_metrics.forgetting`)."]
 
     def samples_markdown(self) -> str:
         """The sample rows as a markdown table (for a UI artifact)."""
@@ -195,16 +257,23 @@ def eval_examples(config: PipelineConfig, splits: DatasetSplits) -> list[Example
     return list(splits.eval[:cap] if cap else splits.eval)
 
 
-def _score_system(model: Any, tokenizer: Any, config: PipelineConfig, prompts: list[str],
-                  examples: list[Example]) -> tuple[list[str], dict[str, Any]]:
+def _generate(model: Any, tokenizer: Any, config: PipelineConfig, prompts: list[str]) -> Any:
     import torch
-
-    from tasks.metrics import RougeMetric, SacreBleuMetric
 
     ev = config.evaluation
     torch.manual_seed(ev.seed)  # only matters when sampling
+    return generate_with_stops(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, ev.do_sample,
+                               ev.temperature)
+
+
+def _score_system(model: Any, tokenizer: Any, config: PipelineConfig, prompts: list[str],
+                  examples: list[Example], general_text: list[str] | None) -> tuple[list[str], dict[str, Any]]:
+    from tasks.metrics import ChrfMetric, ExactMatchMetric, RougeMetric, SacreBleuMetric
+
+    ev = config.evaluation
     started = time.perf_counter()
-    outputs = generate(model, tokenizer, prompts, ev.max_new_tokens, ev.batch_size, ev.do_sample, ev.temperature)
+    generations = _generate(model, tokenizer, config, prompts)
+    outputs = generations.texts
     generation_s = time.perf_counter() - started
     started = time.perf_counter()
     loss, perplexity = eval_loss(model, tokenizer, examples, config.data.max_seq_length, ev.batch_size,
@@ -215,23 +284,35 @@ def _score_system(model: Any, tokenizer: Any, config: PipelineConfig, prompts: l
     rouge = RougeMetric().compute(predictions=outputs, references=references)
     scores = {
         "bleu": bleu["score"],
-        **{key: rouge[key] for key in METRIC_KEYS[1:]},
+        **{key: rouge[key] for key in ("rouge1", "rouge2", "rougeL", "rougeLsum")},
+        "chrf": ChrfMetric().compute(predictions=outputs, references=references)["score"],
+        **ExactMatchMetric().compute(predictions=outputs, references=references),
         "eval_loss": loss,
         "perplexity": perplexity,
+        "runaway_share": generations.runaway_share,
         "samples_per_s": len(prompts) / generation_s if generation_s > 0 else 0.0,
         "wall_time_s": generation_s,
         "eval_loss_wall_time_s": loss_s,
         "bleu_signature": bleu["signature"],
     }
+    if general_text is not None:
+        scores["general_text_loss"] = general_text_loss(model, tokenizer, general_text, config.data.max_seq_length,
+                                                        ev.batch_size)
     return outputs, scores
 
 
 def _compare(references: list[str], baseline: list[str], candidate: list[str], config: PipelineConfig) -> dict:
-    from tasks.metrics import bootstrap_rouge_l_delta, paired_bootstrap_bleu
+    from tasks.metrics import (
+        bootstrap_exact_match_delta,
+        bootstrap_rouge_l_delta,
+        paired_bootstrap_bleu,
+        paired_bootstrap_chrf,
+    )
 
     ev = config.evaluation
     args = (references, baseline, candidate, ev.bootstrap_resamples, ev.seed, ev.significance_level)
-    return {"bleu": paired_bootstrap_bleu(*args).to_dict(), "rougeL": bootstrap_rouge_l_delta(*args).to_dict()}
+    return {"bleu": paired_bootstrap_bleu(*args).to_dict(), "rougeL": bootstrap_rouge_l_delta(*args).to_dict(),
+            "chrf": paired_bootstrap_chrf(*args).to_dict(), "exact_match": bootstrap_exact_match_delta(*args).to_dict()}
 
 
 def evaluate_adapter(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits, adapter_dir: str | Path,
@@ -239,7 +320,8 @@ def evaluate_adapter(config: PipelineConfig, plan: TrainingPlan, splits: Dataset
     """Stage 4: score base, adapter (and champion) on the eval split and compare them.
 
     Raises DataError for an empty eval split and ConfigError for an adapter that does not fit the
-    configured base, before any generation.
+    configured base, or for a general-text or canary file that cannot be used, before any generation.
+    The canaries are answered by the adapter (the candidate), with the same generation settings.
     """
     from peft import PeftModel
 
@@ -255,6 +337,9 @@ def evaluate_adapter(config: PipelineConfig, plan: TrainingPlan, splits: Dataset
         adapter_configs[name] = read_adapter_config(path, option)
         check_adapter_base(adapter_configs[name], config, path, option)
 
+    general_text = read_general_text(ev.general_text) if ev.general_text else None
+    canaries = load_canaries(ev.canaries) if ev.canaries else []
+
     tokenizer = load_tokenizer(config)
     prompts = [render_prompt(tokenizer, e.prompt_messages) for e in examples]
     references = [e.response for e in examples]
@@ -264,15 +349,19 @@ def evaluate_adapter(config: PipelineConfig, plan: TrainingPlan, splits: Dataset
     try:
         for name, (path, option) in adapters.items():
             check_adapter_modules(model, adapter_configs[name], path, option)
-        outputs["base"], systems["base"] = _score_system(model, tokenizer, config, prompts, examples)
+        outputs["base"], systems["base"] = _score_system(model, tokenizer, config, prompts, examples, general_text)
         # Attaching LoRA layers changes the base in place: the base was scored first.
         model = PeftModel.from_pretrained(model, str(adapters["adapter"][0]), adapter_name="default",
                                           is_trainable=False)
-        outputs["adapter"], systems["adapter"] = _score_system(model, tokenizer, config, prompts, examples)
+        outputs["adapter"], systems["adapter"] = _score_system(model, tokenizer, config, prompts, examples,
+                                                               general_text)
+        canary_answers = _generate(model, tokenizer, config, [
+            render_prompt(tokenizer, [{"role": "user", "content": c.prompt}]) for c in canaries]).texts
         if CHAMPION in adapters:
             model.load_adapter(str(adapters[CHAMPION][0]), adapter_name=CHAMPION, is_trainable=False)
             model.set_adapter(CHAMPION)
-            outputs[CHAMPION], systems[CHAMPION] = _score_system(model, tokenizer, config, prompts, examples)
+            outputs[CHAMPION], systems[CHAMPION] = _score_system(model, tokenizer, config, prompts, examples,
+                                                                 general_text)
     finally:
         model = None
         release_memory()
@@ -302,5 +391,7 @@ def evaluate_adapter(config: PipelineConfig, plan: TrainingPlan, splits: Dataset
         adapter_dir=str(adapter_dir),
         champion_adapter=str(champion_adapter) if champion_adapter else None,
         dataset_fingerprint=splits.fingerprint,
+        general_text={"path": str(ev.general_text), "passages": len(general_text)} if general_text else None,
+        canaries=check_canaries(canaries, canary_answers, ev.canaries) if canaries else None,
         outputs=outputs,
     )

@@ -6,10 +6,15 @@ similar length (less padding) padded on the left (every row ends where generatio
 `GenerationConfig` that names its stop tokens (the template's end of turn and eos) and pad itself (the
 model's own generation defaults are not consulted), `torch.inference_mode`, and only the tokens after
 each prompt decoded.
+
+`generate_with_stops()` is the same call that also says, per row, whether the model stopped by itself
+(emitted a stop token) or ran into `max_new_tokens`: evaluation reports the share of such runaway
+answers, and the promotion gate refuses an adapter that rambles. `generate()` is its text alone.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tasks.chat import stop_token_ids
@@ -35,6 +40,19 @@ def generation_config(tokenizer: Any, max_new_tokens: int, do_sample: bool = Fal
         use_cache=True,
         **sampling,
     )
+
+
+@dataclass(frozen=True)
+class Generations:
+    """Answers in prompt order, and for each whether it ended with a stop token (False: it hit max_new_tokens)."""
+
+    texts: list[str]
+    stopped: list[bool]
+
+    @property
+    def runaway_share(self) -> float:
+        """Share of answers cut by max_new_tokens instead of ending themselves (0.0 for no answers)."""
+        return (len(self.stopped) - sum(self.stopped)) / len(self.stopped) if self.stopped else 0.0
 
 
 def generate_tokens(model: Any, tokenizer: Any, rows: list[list[int]], config: Any,
@@ -71,25 +89,38 @@ def generate_tokens(model: Any, tokenizer: Any, rows: list[list[int]], config: A
 def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
              batch_size: int = DEFAULT_BATCH_SIZE, do_sample: bool = False, temperature: float = 1.0,
              adapter_names: list[str] | None = None) -> list[str]:
-    """Answers to `prompts` (already rendered with the chat template), in their order, stripped.
+    """Answers to `prompts` (already rendered with the chat template), in their order, stripped."""
+    return generate_with_stops(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature,
+                               adapter_names).texts
 
-    The model is put in eval mode for the call and given back in the mode it came in; the
-    tokenizer's padding side is restored too (training may share it with right padding).
-    `adapter_names` (one per prompt) answers each prompt with its own adapter of a multi-adapter
-    PeftModel, in mixed batches.
+
+def generate_with_stops(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+                        batch_size: int = DEFAULT_BATCH_SIZE, do_sample: bool = False,
+                        temperature: float = 1.0, adapter_names: list[str] | None = None) -> Generations:
+    """`generate()`'s answers plus, per row, whether it stopped at a stop token (the one generation loop).
+
+    A row stopped when its new tokens hold one of the stop tokens: `generate` pads a finished row
+    after its stop token, and a row that never stops fills all max_new_tokens. The model is put in
+    eval mode for the call and given back in the mode it came in; the tokenizer's padding side is
+    restored too (training may share it with right padding). `adapter_names` (one per prompt) answers
+    each prompt with its own adapter of a multi-adapter PeftModel, in mixed batches.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if adapter_names is not None and len(adapter_names) != len(prompts):
         raise ValueError(f"adapter_names has {len(adapter_names)} entries for {len(prompts)} prompts")
     config = generation_config(tokenizer, max_new_tokens, do_sample, temperature)
+    stop_ids = set(stop_token_ids(tokenizer))
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     outputs: list[str] = [""] * len(prompts)
+    stopped: list[bool] = [False] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         names = [adapter_names[i] for i in rows] if adapter_names is not None else None
         new_tokens = generate_tokens(model, tokenizer, [encoded[i] for i in rows], config, names)
-        for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for i, text, tokens in zip(rows, texts, new_tokens, strict=True):
             outputs[i] = text.strip()
-    return outputs
+            stopped[i] = any(token in stop_ids for token in tokens)
+    return Generations(outputs, stopped)

@@ -1,13 +1,14 @@
 """Text-overlap metrics and their significance tests, on one 0-100 points scale.
 
-BLEU is sacrebleu's corpus BLEU and ROUGE is Google's rouge-score, each wrapped as an
-`evaluate.Metric` defined here (the hub-hosted metric scripts need the network). No n-gram is counted
-in this module: the wrappers and the tests call the libraries' own scorers and statistics.
+BLEU and chrF are sacrebleu's corpus scores, ROUGE is Google's rouge-score, and exact match is the
+share of answers equal to their reference (whitespace-trimmed); each is wrapped as an `evaluate.Metric`
+defined here (the hub-hosted metric scripts need the network). No n-gram is counted in this module:
+the wrappers and the tests call the libraries' own scorers and statistics.
 
 Significance of a difference between two systems on the same references:
-- BLEU: sacrebleu's paired bootstrap resampling (`PairedTest(..., test_type="bs")`, the Moses
-  test) for the p-value, and the 95% percentile interval of the delta over the same resamples.
-- ROUGE-L: a paired bootstrap over per-sample rouge-score F-measures (ROUGE-L of a corpus is their
+- BLEU and chrF: sacrebleu's paired bootstrap resampling (`PairedTest(..., test_type="bs")`, the
+  Moses test) for the p-value, and the 95% percentile interval of the delta over the same resamples.
+- ROUGE-L and exact match: a paired bootstrap over per-sample scores (the corpus value is their
   mean, so resampling samples is exact), giving the delta's 95% interval and a two-sided p-value.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 BLEU_NAME = "BLEU"  # the key sacrebleu's PairedTest files BLEU results under
+CHRF_NAME = "chrF"
 
 
 def _features(multi_reference: bool) -> datasets.Features:
@@ -80,6 +82,48 @@ class SacreBleuMetric(_InMemoryMetric):
             "sys_len": int(result.sys_len),
             "ref_len": int(result.ref_len),
         }
+
+
+class ChrfMetric(_InMemoryMetric):
+    """Corpus chrF from sacrebleu (0-100; character n-gram F-score, beta 2) with its signature string."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Corpus chrF computed by sacrebleu (sacrebleu.metrics.CHRF.corpus_score).",
+            citation="Popovic, 2015. chrF: character n-gram F-score for automatic MT evaluation.",
+            inputs_description="predictions: list of strings; references: a string or a list of strings each",
+            features=[_features(multi_reference=False), _features(multi_reference=True)],
+            codebase_urls=["https://github.com/mjpost/sacrebleu"],
+        )
+
+    def _compute(self, predictions: list[str], references: list[Any]) -> dict[str, Any]:
+        from sacrebleu.metrics import CHRF
+
+        chrf = CHRF()
+        result = chrf.corpus_score(list(predictions), _reference_streams(references))
+        return {"score": float(result.score), "signature": str(chrf.get_signature())}
+
+
+def exact_match_per_sample(references: Sequence[str], predictions: Sequence[str]) -> np.ndarray:
+    """1.0 where the prediction equals its reference after trimming surrounding whitespace, else 0.0."""
+    return np.array([float(p.strip() == r.strip()) for r, p in zip(references, predictions, strict=True)],
+                    dtype=np.float64)
+
+
+class ExactMatchMetric(_InMemoryMetric):
+    """Share of predictions equal to their reference (whitespace-trimmed, case kept), in points 0-100."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Exact match: the share of predictions identical to their reference after strip().",
+            citation="",
+            inputs_description="predictions: list of strings; references: list of strings (one per prediction)",
+            features=_features(multi_reference=False),
+        )
+
+    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+        matches = exact_match_per_sample(references, predictions)
+        return {"exact_match": float(matches.mean() * 100.0) if matches.size else 0.0}
 
 
 def rouge_scorer(rouge_types: Sequence[str] = ROUGE_TYPES) -> Any:
@@ -163,7 +207,28 @@ def _sacrebleu_seed(seed: int) -> Iterator[None]:
 def paired_bootstrap_bleu(references: Sequence[str], system_a: Sequence[str], system_b: Sequence[str],
                           resamples: int = 1000, seed: int = 12345,
                           significance_level: float = 0.05) -> Comparison:
-    """BLEU(system_b) - BLEU(system_a) with sacrebleu's paired bootstrap test.
+    """BLEU(system_b) - BLEU(system_a) with sacrebleu's paired bootstrap test (see paired_bootstrap_sacrebleu)."""
+    from sacrebleu.metrics import BLEU
+
+    return paired_bootstrap_sacrebleu(BLEU_NAME, BLEU(), references, system_a, system_b, resamples, seed,
+                                      significance_level)
+
+
+def paired_bootstrap_chrf(references: Sequence[str], system_a: Sequence[str], system_b: Sequence[str],
+                          resamples: int = 1000, seed: int = 12345,
+                          significance_level: float = 0.05) -> Comparison:
+    """chrF(system_b) - chrF(system_a) with sacrebleu's paired bootstrap test (see paired_bootstrap_sacrebleu)."""
+    from sacrebleu.metrics import CHRF
+
+    return paired_bootstrap_sacrebleu(CHRF_NAME, CHRF(), references, system_a, system_b, resamples, seed,
+                                      significance_level)
+
+
+def paired_bootstrap_sacrebleu(name: str, scorer: Any, references: Sequence[str], system_a: Sequence[str],
+                               system_b: Sequence[str], resamples: int = 1000, seed: int = 12345,
+                               significance_level: float = 0.05) -> Comparison:
+    """score(system_b) - score(system_a) for a sacrebleu corpus metric (`name` labels it for PairedTest),
+    with sacrebleu's paired bootstrap test.
 
     The p-value is sacrebleu's. The 95% interval is the 2.5/97.5 percentiles of the per-resample
     delta, computed from sacrebleu's own sufficient statistics on the very resamples PairedTest
@@ -171,20 +236,20 @@ def paired_bootstrap_bleu(references: Sequence[str], system_a: Sequence[str], sy
     the delta is 0 under any resampling: p is 1 by definition (sacrebleu's strict `>` would report
     1/(resamples+1) there, i.e. call a system significantly different from itself).
     """
-    from sacrebleu.metrics import BLEU
     from sacrebleu.significance import PairedTest
 
     _check_paired(references, system_a, system_b, resamples)
     refs = [list(references)]
     with _sacrebleu_seed(seed):
-        test = PairedTest([("a", list(system_a)), ("b", list(system_b))], {BLEU_NAME: BLEU()}, refs,
+        test = PairedTest([("a", list(system_a)), ("b", list(system_b))], {name: scorer}, refs,
                           test_type="bs", n_samples=resamples)
         _, results = test()
-    score_a, score_b = results[BLEU_NAME][0].score, results[BLEU_NAME][1].score
-    p_value = float(results[BLEU_NAME][1].p_value)
+    name = next(key for key in test.metrics)  # sacrebleu renames some metrics (chrF -> chrF2, its beta)
+    score_a, score_b = results[name][0].score, results[name][1].score
+    p_value = float(results[name][1].p_value)
 
-    metric = test.metrics[BLEU_NAME]
-    stats_a = np.array(test._baseline_info[BLEU_NAME][0], dtype="float32")
+    metric = test.metrics[name]
+    stats_a = np.array(test._baseline_info[name][0], dtype="float32")
     stats_b = np.array(metric._extract_corpus_statistics(list(system_b), refs), dtype="float32")
     # The same index matrix sacrebleu's _paired_bs_test draws for this seed.
     idxs = np.random.default_rng(seed).choice(len(system_b), size=(resamples, len(system_b)), replace=True)
@@ -223,4 +288,14 @@ def bootstrap_rouge_l_delta(references: Sequence[str], system_a: Sequence[str], 
     _check_paired(references, system_a, system_b, resamples)
     a = rouge_per_sample(references, system_a, ("rougeL",))["rougeL"]
     b = rouge_per_sample(references, system_b, ("rougeL",))["rougeL"]
+    return paired_bootstrap_mean(a, b, resamples, seed, significance_level)
+
+
+def bootstrap_exact_match_delta(references: Sequence[str], system_a: Sequence[str], system_b: Sequence[str],
+                                resamples: int = 1000, seed: int = 12345,
+                                significance_level: float = 0.05) -> Comparison:
+    """Exact match(system_b) - exact match(system_a) in points, by paired bootstrap over samples."""
+    _check_paired(references, system_a, system_b, resamples)
+    a = exact_match_per_sample(references, system_a)
+    b = exact_match_per_sample(references, system_b)
     return paired_bootstrap_mean(a, b, resamples, seed, significance_level)

@@ -145,9 +145,14 @@ def base_reference(config: PipelineConfig, adapter_dir: Path) -> dict[str, Any]:
     return reference
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, spec: str = ".2f") -> str:
     number = as_finite(value)
-    return f"{number:.2f}" if number is not None else "n/a"
+    return format(number, spec) if number is not None else "n/a"
+
+
+# Model card rows: metric -> number format (points, losses, shares).
+CARD_METRICS = {"bleu": ".2f", "chrf": ".2f", "exact_match": ".2f", "rouge1": ".2f", "rouge2": ".2f",
+                "rougeL": ".2f", "eval_loss": ".4f", "general_text_loss": ".4f", "runaway_share": ".1%"}
 
 
 def lineage_tags(config: PipelineConfig, adapter_dir: Path, eval_report: EvalReport,
@@ -172,6 +177,11 @@ def lineage_tags(config: PipelineConfig, adapter_dir: Path, eval_report: EvalRep
         "decision": "promote" if decision.promote else "keep challenger",
         "decision.reasons": "\n".join(decision.reasons),
     }
+    if eval_report.general_text:
+        tags["eval.general_text"] = eval_report.general_text["path"]
+    if eval_report.canaries:
+        tags["eval.canaries"] = eval_report.canaries["path"]
+        tags["eval.canaries_failed"] = eval_report.canaries["failed"]
     tags.update({f"lib.{name}": version for name, version in library_versions().items()})
     for system, scores in eval_report.systems.items():
         for metric, value in (scores or {}).items():
@@ -188,16 +198,17 @@ def model_card(config: PipelineConfig, reference: dict[str, Any], tags: dict[str
     registry = config.registry
     systems = eval_report.get("systems") or {}
     names = [s for s in ("base", "adapter", "champion") if systems.get(s)]
-    metrics = [m for m in ("bleu", "rouge1", "rouge2", "rougeL", "eval_loss")
-               if any(as_finite(systems[s].get(m)) is not None for s in names)]
+    metrics = [m for m in CARD_METRICS if any(as_finite(systems[s].get(m)) is not None for s in names)]
     header = "| metric | " + " | ".join(names) + " | adapter − base |"
     rows = [header, "|---" * (len(names) + 2) + "|"]
     for metric in metrics:
-        values = [_fmt(systems[s].get(metric)) for s in names]
+        spec = CARD_METRICS[metric]
+        values = [_fmt(systems[s].get(metric), spec) for s in names]
         delta = "n/a"
         if as_finite(systems["adapter"].get(metric)) is not None and as_finite(systems["base"].get(metric)) is not None:
-            delta = f"{systems['adapter'][metric] - systems['base'][metric]:+.2f}"
+            delta = format(systems["adapter"][metric] - systems["base"][metric], "+" + spec)
         rows.append(f"| {metric} | " + " | ".join(values) + f" | {delta} |")
+    checks = _checks_markdown(eval_report, systems)
     training = ""
     summary = read_train_summary(adapter_dir)
     if summary:
@@ -219,10 +230,29 @@ def model_card(config: PipelineConfig, reference: dict[str, Any], tags: dict[str
         f"- **Code:** git `{tags['git_commit'][:12]}`, config hash `{tags['config_hash']}`\n\n"
         f"Evaluation on {eval_report.get('n_samples', '?')} held-out rows (points, 0-100):\n\n"
         + "\n".join(rows)
+        + checks
         + f"\n\n**Decision:** {verdict} on `{registry.primary_metric}`\n{reasons}\n\n"
         f"Load: `mlflow.pyfunc.load_model(\"models:/{registry.model_name}@{registry.champion_alias}\")"
         ".predict([\"prompt\"])`\n"
     )
+
+
+def _checks_markdown(eval_report: dict[str, Any], systems: dict[str, Any]) -> str:
+    """The model card's forgetting line and canary results (empty when the evaluation ran neither)."""
+    from tasks.canaries import canary_failures_markdown
+
+    lines = []
+    general = eval_report.get("general_text")
+    if general:
+        base, adapter = (as_finite(systems.get(s, {}).get("general_text_loss")) for s in ("base", "adapter"))
+        delta = f"{adapter - base:+.4f}" if base is not None and adapter is not None else "n/a"
+        lines.append(f"- **Forgetting:** mean token loss on `{general['path']}` ({general['passages']} passages): "
+                     f"base {_fmt(base, '.4f')}, adapter {_fmt(adapter, '.4f')}, delta {delta} (lower is better)")
+    canaries = canary_failures_markdown(eval_report.get("canaries"))
+    if canaries:
+        lines.append("- " + canaries[0])
+        lines += ["  " + line for line in canaries[1:]]
+    return "\n\n" + "\n".join(lines) if lines else ""
 
 
 def _cleanup_version(client: Any, name: str, version: str, restore: dict[str, str | None]) -> None:

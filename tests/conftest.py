@@ -114,11 +114,17 @@ def registry_config(trained, mlflow_uri):
 
 def make_eval_report(base: float = 2.0, adapter: float = 80.0, champion: float | None = None,
                      significant: bool = True, rouge_drop: float = 0.0, vs_champion: bool = True,
-                     significant_vs_champion: bool | None = None) -> dict:
-    """An evaluation report in the shape tasks/evaluate.py writes (points 0-100), for registry tests."""
-    def scores(bleu: float, rouge: float) -> dict:
+                     significant_vs_champion: bool | None = None, runaway: float = 0.0,
+                     champion_runaway: float = 0.0, general_text_loss: tuple[float, float] | None = (2.0, 2.0),
+                     champion_general_text_loss: float | None = None, canary_failures: int = 0) -> dict:
+    """An evaluation report in the shape tasks/evaluate.py writes (points 0-100), for registry tests.
+
+    `runaway` is the adapter's runaway share; `general_text_loss` (base, adapter) adds the general-text
+    losses; `canary_failures` of three canaries fail."""
+    def scores(bleu: float, rouge: float, runaway_share: float = 0.0) -> dict:
         return {"bleu": bleu, "rouge1": rouge, "rouge2": rouge / 2, "rougeL": rouge, "rougeLsum": rouge,
-                "eval_loss": 1.0, "perplexity": 2.7, "samples_per_s": 50.0, "wall_time_s": 1.0}
+                "chrf": rouge, "exact_match": bleu / 2, "eval_loss": 1.0, "perplexity": 2.7,
+                "runaway_share": runaway_share, "samples_per_s": 50.0, "wall_time_s": 1.0}
 
     def comparison(delta: float, rouge_delta: float, significant: bool) -> dict:
         p_value = 0.001 if significant else 0.4
@@ -131,13 +137,22 @@ def make_eval_report(base: float = 2.0, adapter: float = 80.0, champion: float |
     report = {
         "n_samples": 64, "generation": {"max_new_tokens": 24, "do_sample": False}, "bleu_signature": "nrefs:1|test",
         "significance_level": 0.05, "wall_time_s": 3.0,
-        "systems": {"base": scores(base, base), "adapter": scores(adapter, adapter_rouge)},
+        "systems": {"base": scores(base, base), "adapter": scores(adapter, adapter_rouge, runaway)},
         "comparisons": {"adapter_vs_base": comparison(adapter - base, adapter_rouge - base, significant)},
         "samples": [{"prompt": "Rewrite this in Zorbish.\n\nred cat", "reference": "zel vobip", "base": "red cat",
                      "adapter": "zel vobip"}],
     }
+    if general_text_loss is not None:
+        report["systems"]["base"]["general_text_loss"], report["systems"]["adapter"]["general_text_loss"] = (
+            general_text_loss)
+        report["general_text"] = {"path": "general.txt", "passages": 100}
+    report["canaries"] = {"path": "canaries.yaml", "results": [
+        {"name": f"canary {i}", "prompt": f"prompt {i}", "expect": {"contains": "zel"},
+         "output": "red" if i < canary_failures else "zel", "passed": i >= canary_failures} for i in range(3)]}
     if champion is not None:
-        report["systems"]["champion"] = scores(champion, champion)
+        report["systems"]["champion"] = scores(champion, champion, champion_runaway)
+        if champion_general_text_loss is not None:
+            report["systems"]["champion"]["general_text_loss"] = champion_general_text_loss
         report["samples"][0]["champion"] = "zel"
         if vs_champion:
             report["comparisons"]["adapter_vs_champion"] = comparison(

@@ -16,6 +16,13 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path) -> None:
     assert first.data_path.read_bytes() == second.data_path.read_bytes()
     assert hash_directory(first.model_dir) == hash_directory(second.model_dir)
     assert first.data_path.read_bytes() != other.data_path.read_bytes()
+    # the general text (forgetting) and the canaries are part of the assets, deterministic too
+    assert first.general_text_path.read_bytes() == second.general_text_path.read_bytes()
+    assert first.canaries_path.read_bytes() == second.canaries_path.read_bytes()
+    assert first.general_text_path.read_bytes() != other.general_text_path.read_bytes()
+    assert len(first.general_text_path.read_text().splitlines()) == 100
+    words = set(zorbish_lexicon(3))
+    assert all(set(line.split()) <= words for line in first.general_text_path.read_text().splitlines())
 
 
 def test_demo_dataset_follows_its_mapping_and_splits_without_leakage(demo_assets, make_config) -> None:

@@ -15,8 +15,8 @@ from tasks.data import DataError, render_prompt
 from tasks.evaluate import evaluate_adapter
 from tasks.generation import generate
 
-SYSTEM_KEYS = {"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "eval_loss", "perplexity", "samples_per_s",
-               "wall_time_s"}
+SYSTEM_KEYS = {"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "chrf", "exact_match", "eval_loss", "perplexity",
+               "runaway_share", "samples_per_s", "wall_time_s"}
 COMPARISON_KEYS = {"delta", "ci_low", "ci_high", "p_value", "significant"}
 
 
@@ -56,9 +56,11 @@ def test_report_json_shape_and_files(evaluated, trained):
     for scores in data["systems"].values():
         assert set(scores) >= SYSTEM_KEYS
         assert scores["samples_per_s"] > 0 and scores["wall_time_s"] > 0
-        assert all(0 <= scores[k] <= 100 for k in ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum"))
+        assert all(0 <= scores[k] <= 100 for k in ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "chrf",
+                                                   "exact_match"))
+        assert 0.0 <= scores["runaway_share"] <= 1.0
     assert set(data["comparisons"]) == {"adapter_vs_base"}
-    assert set(data["comparisons"]["adapter_vs_base"]) == {"bleu", "rougeL"}
+    assert set(data["comparisons"]["adapter_vs_base"]) == {"bleu", "rougeL", "chrf", "exact_match"}
     assert all(set(c) == COMPARISON_KEYS for c in data["comparisons"]["adapter_vs_base"].values())
     assert data["wall_time_s"] >= sum(s["wall_time_s"] for s in data["systems"].values())
 
@@ -87,7 +89,7 @@ def test_adapter_against_itself_as_champion(trained):
     report = evaluate_adapter(small, plan, splits, result.adapter_dir, champion_adapter=result.adapter_dir)
     assert set(report.systems) == {"base", "adapter", "champion"}
     assert report.outputs["champion"] == report.outputs["adapter"]
-    for metric in ("bleu", "rougeL"):
+    for metric in ("bleu", "rougeL", "chrf", "exact_match"):
         comparison = report.comparisons["adapter_vs_champion"][metric]
         assert comparison["delta"] == 0.0
         assert comparison["p_value"] == pytest.approx(1.0)

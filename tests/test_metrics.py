@@ -7,11 +7,17 @@ import os
 import pytest
 
 from tasks.metrics import (
+    ChrfMetric,
+    ExactMatchMetric,
     RougeMetric,
     SacreBleuMetric,
+    bootstrap_exact_match_delta,
     bootstrap_rouge_l_delta,
     paired_bootstrap_bleu,
+    paired_bootstrap_chrf,
 )
+
+PAIRED_TESTS = [paired_bootstrap_bleu, bootstrap_rouge_l_delta, paired_bootstrap_chrf, bootstrap_exact_match_delta]
 
 REFERENCES = [
     "the cat sat on the mat",
@@ -36,6 +42,27 @@ def test_identical_strings_score_100():
     rouge = RougeMetric().compute(predictions=REFERENCES, references=REFERENCES)
     assert bleu["score"] == pytest.approx(100.0)
     assert rouge == {key: pytest.approx(100.0) for key in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+    assert ChrfMetric().compute(predictions=REFERENCES, references=REFERENCES)["score"] == pytest.approx(100.0)
+    assert ExactMatchMetric().compute(predictions=REFERENCES, references=REFERENCES) == {"exact_match": 100.0}
+
+
+def test_chrf_equals_sacrebleu_corpus_chrf_and_signature():
+    import sacrebleu
+    from sacrebleu.metrics import CHRF
+
+    result = ChrfMetric().compute(predictions=WEAKER, references=REFERENCES)
+    assert 0 < result["score"] < 100
+    assert result["score"] == pytest.approx(sacrebleu.corpus_chrf(WEAKER, [REFERENCES]).score, abs=1e-9)
+    chrf = CHRF()
+    chrf.corpus_score(WEAKER, [REFERENCES])
+    assert result["signature"] == str(chrf.get_signature())
+
+
+def test_exact_match_counts_whole_answers_after_trimming():
+    predictions = [" the cat sat on the mat\n", "a dog runs", "Hello there general kenobi", "we walked"]
+    references = ["the cat sat on the mat", "a dog runs", "hello there general kenobi", "we walked to the river"]
+    # trimmed equal, equal, case differs, prefix only: 2 of 4
+    assert ExactMatchMetric().compute(predictions=predictions, references=references) == {"exact_match": 50.0}
 
 
 def test_bleu_equals_sacrebleu_corpus_bleu_and_signature():
@@ -82,7 +109,7 @@ def test_rouge_known_small_case():
     assert result["rouge2"] == pytest.approx(100 * 2 * 1 * 0.4 / 1.4)  # 2 of 2 bigrams, 2 of 5 reference bigrams
 
 
-@pytest.mark.parametrize("test", [paired_bootstrap_bleu, bootstrap_rouge_l_delta])
+@pytest.mark.parametrize("test", PAIRED_TESTS)
 def test_system_against_itself_is_delta_zero_p_one(test):
     result = test(REFERENCES, WEAKER, list(WEAKER), resamples=1000, seed=7)
     assert result.delta == 0.0
@@ -91,7 +118,7 @@ def test_system_against_itself_is_delta_zero_p_one(test):
     assert not result.significant
 
 
-@pytest.mark.parametrize("test", [paired_bootstrap_bleu, bootstrap_rouge_l_delta])
+@pytest.mark.parametrize("test", PAIRED_TESTS)
 def test_clearly_better_system_is_significant_both_ways(test):
     better = test(REFERENCES, WEAKER, REFERENCES, resamples=1000, seed=7)
     assert better.delta > 20 and better.significant and better.p_value < 0.01
@@ -101,7 +128,7 @@ def test_clearly_better_system_is_significant_both_ways(test):
     assert worse.significant and worse.ci_high < 0
 
 
-@pytest.mark.parametrize("test", [paired_bootstrap_bleu, bootstrap_rouge_l_delta])
+@pytest.mark.parametrize("test", PAIRED_TESTS)
 def test_equally_good_systems_with_different_errors_are_not_significant(test):
     # A errs on the first half of the rows, B on the second half, the same errors: no real difference.
     half = len(REFERENCES) // 2

@@ -44,3 +44,35 @@ def test_model_card_prints_p_values_as_the_evaluation_report_does(tmp_path) -> N
     assert f"(p={shown_in_report}, significant at" in card
     assert str(p_value) not in card
     assert all(len(p.split(".")[1]) == 4 for p in re.findall(r"p=([0-9.]+)", card)), card
+
+
+def test_model_card_and_report_show_forgetting_runaway_and_failed_canaries(tmp_path) -> None:
+    from configs.schema import load_config
+    from tasks.evaluate import EvalReport
+    from tasks.promotion import decide_promotion
+    from tasks.register import model_card
+
+    report = make_eval_report(runaway=0.25, general_text_loss=(2.0, 2.75), canary_failures=1)
+    report["generation"]["batch_size"] = 32
+    config = load_config(DEMO_CONFIG, [f"training.output_dir={tmp_path / 'out'}",
+                                       "registry.guard_metrics={rougeL: 1.0, forgetting: 0.5}"])
+    decision = decide_promotion(report, config.registry, has_champion=False)
+    assert not decision.promote
+    tags = {"base_model": "/models/demo@sha256:" + "0" * 64, "dataset_fingerprint": "f" * 16,
+            "validation_success": "true", "lora": "r=16 alpha=32", "git_commit": "unknown",
+            "config_hash": config.config_hash()}
+    card = model_card(config, {"quantization": {}}, tags, report, decision, tmp_path)
+    assert "- **Forgetting:** mean token loss on `general.txt` (100 passages): base 2.0000, adapter 2.7500, " \
+           "delta +0.7500 (lower is better)" in card
+    assert "| runaway_share | 0.0% | 25.0% | +25.0% |" in card
+    assert "**Canaries** (`canaries.yaml`): 2 of 3 passed; failed:" in card
+    assert "  - canary 0: expected contains `zel`, got `red`" in card
+    assert "guard forgetting: general_text_loss rises 0.7500 vs base" in card
+    assert "runaway answers: 25.0% of the adapter's answers hit max_new_tokens" in card
+    assert "1 of 3 canaries failed: 'canary 0'" in card
+
+    markdown = EvalReport.from_dict(report).markdown()  # the Prefect artifact `evaluation-report`
+    assert "**Forgetting** on `general.txt` (100 passages): mean token loss base 2.0000, adapter 2.7500, " \
+           "delta +0.7500" in markdown
+    assert "- canary 0: expected contains `zel`, got `red`" in markdown
+    assert "| adapter |" in markdown and "| 25.0% | 2.7500 |" in markdown
