@@ -85,6 +85,11 @@ class QuantizationConfig(_Section):
     )
 
 
+# Metrics an evaluation during training reports, and whether larger is better (the Trainer computes the
+# loss only; generation metrics are the evaluate stage's).
+BEST_METRICS_GREATER_IS_BETTER: dict[str, bool] = {"eval_loss": False}
+BestMetric = Literal["eval_loss"]
+
 LoraPresetName = Literal["classification", "summarization", "code", "instruction"]
 AlphaPolicy = Literal["standard", "conservative", "aggressive"]
 ALPHA_FACTORS: dict[str, int] = {"conservative": 1, "standard": 2, "aggressive": 4}
@@ -165,6 +170,15 @@ class TrainingConfig(_Section):
     save_total_limit: int = Field(2, ge=1)
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="eval loss every N steps; None: at the end only")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop when best_metric has not improved for this many evaluations (needs eval_steps); "
+                                "None: train all steps"
+    )
+    best_metric: BestMetric = Field("eval_loss", description="the evaluation metric that picks the best step")
+    keep_best: bool = Field(
+        True, description="with eval_steps: the adapter is the best evaluated step's, not the last step's "
+                          "(save_steps then follows eval_steps)"
+    )
     seed: int = 42
     resume: bool = Field(True, description="resume from the last checkpoint in output_dir when there is one")
     output_dir_lock: Literal["fail", "wait"] = Field(
@@ -178,6 +192,34 @@ class TrainingConfig(_Section):
         if isinstance(value, int) and value <= 0:
             raise ValueError(f"training.per_device_batch_size must be 'auto' or > 0, got {value}")
         return value
+
+    @property
+    def selects_best(self) -> bool:
+        """Whether evaluations pick a best step: to keep it (keep_best) or to stop when it stops improving."""
+        return self.eval_steps is not None and (self.keep_best or self.early_stopping_patience is not None)
+
+    @model_validator(mode="after")
+    def _best_step_needs_aligned_evaluations(self) -> TrainingConfig:
+        """Early stopping needs evaluations; keeping the best step needs a checkpoint at every evaluation.
+
+        transformers' `load_best_model_at_end` can only return to a step that was saved, and it tracks the
+        best metric over every evaluation, saved or not; so save_steps must equal eval_steps for the kept
+        adapter to be the best evaluation's. Unset, save_steps follows eval_steps.
+        """
+        if self.early_stopping_patience is not None and self.eval_steps is None:
+            raise ValueError(
+                f"training.early_stopping_patience={self.early_stopping_patience} needs evaluations during training: "
+                "set training.eval_steps (e.g. training.eval_steps=50), or remove early_stopping_patience"
+            )
+        if self.eval_steps is not None and self.keep_best and self.save_steps != self.eval_steps:
+            if "save_steps" in self.model_fields_set:
+                raise ValueError(
+                    f"training.keep_best needs a checkpoint at every evaluation, but save_steps={self.save_steps} "
+                    f"differs from eval_steps={self.eval_steps}: set training.save_steps={self.eval_steps} (or leave "
+                    "it unset; it then follows eval_steps), or set training.keep_best=false"
+                )
+            object.__setattr__(self, "save_steps", self.eval_steps)
+        return self
 
 
 class EvaluationConfig(_Section):

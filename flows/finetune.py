@@ -25,6 +25,7 @@ on the same folder is refused before it touches anything there, or waits (`train
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -131,9 +132,23 @@ def check_gpu_task(config: PipelineConfig, tracker: PipelineTracker) -> Training
 def train_task(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits,
                tracker: PipelineTracker) -> TrainResult:
     callback = training_callback(tracker)
-    result = train(config, plan, splits, callbacks=[callback], run_id=tracker.run_id)
+    result = train(config, plan, splits, callbacks=[callback], run_id=tracker.run_id,
+                   on_replan=replan_recorder(tracker))
     tracker.log_training(result.summary, callback.history)
     return result
+
+
+def replan_recorder(tracker: PipelineTracker) -> Callable[[dict[str, Any], TrainingPlan], None]:
+    """Records an out-of-memory re-plan as training makes it: in the MLflow run, and as the new
+    `gpu-plan` artifact (the plan the rest of the run uses)."""
+    def record(change: dict[str, Any], new_plan: TrainingPlan) -> None:
+        tracker.log_replan(change, new_plan)
+        create_markdown_artifact(
+            markdown=(f"## Training plan, re-planned at step {change['at_step']} after running out of memory\n"
+                      f"Resumed from step {change['resumed_from_step']}: `{change['before']}` → `{change['after']}`"
+                      f"\n\n{new_plan.markdown()}"),
+            key="gpu-plan", description="training plan after an out-of-memory re-plan")
+    return record
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_not_a_config_problem)
@@ -200,6 +215,7 @@ def finetune_flow(config_path: str = "configs/demo.yaml", overrides: list[str] |
         splits = load_data_task(config)
         plan = check_gpu_task(config, tracker)
         trained = train_task(config, plan, splits, tracker)
+        plan = trained.plan or plan  # an out-of-memory re-plan in training holds for the rest of the run
         report = evaluate_task(config, plan, splits, trained, tracker)
         registration = register_task(config, trained, report, validation, plan, tracker)
     return PipelineOutcome(

@@ -155,6 +155,23 @@ CARD_METRICS = {"bleu": ".2f", "chrf": ".2f", "exact_match": ".2f", "rouge1": ".
                 "rougeL": ".2f", "eval_loss": ".4f", "general_text_loss": ".4f", "runaway_share": ".1%"}
 
 
+def training_outcome_tags(summary: dict[str, Any]) -> dict[str, str]:
+    """How training ended, from the adapter's train_summary.json: the step the adapter holds, the best
+    evaluated step, whether it stopped early and why, and each out-of-memory re-plan (tasks.oom)."""
+    if not summary:
+        return {}
+    tags = {"training.stopped_early": str(bool(summary.get("stopped_early"))).lower(),
+            "training.stop_reason": str(summary.get("stop_reason") or "unknown"),
+            "training.global_step": str(summary.get("global_step"))}
+    for key in ("adapter_step", "best_step", "best_metric", "best_metric_value"):
+        if summary.get(key) is not None:
+            tags[f"training.{key}"] = str(summary[key])
+    replans = summary.get("replans") or []
+    if replans:
+        tags["training.replans"] = json.dumps(replans, sort_keys=True)
+    return tags
+
+
 def lineage_tags(config: PipelineConfig, adapter_dir: Path, eval_report: EvalReport,
                  validation: ValidationResult | None, plan: TrainingPlan | None, reference: dict[str, Any],
                  decision: PromotionDecision, run_id: str) -> dict[str, str]:
@@ -182,6 +199,7 @@ def lineage_tags(config: PipelineConfig, adapter_dir: Path, eval_report: EvalRep
     if eval_report.canaries:
         tags["eval.canaries"] = eval_report.canaries["path"]
         tags["eval.canaries_failed"] = eval_report.canaries["failed"]
+    tags.update(training_outcome_tags(read_train_summary(adapter_dir)))
     tags.update({f"lib.{name}": version for name, version in library_versions().items()})
     for system, scores in eval_report.systems.items():
         for metric, value in (scores or {}).items():
@@ -212,9 +230,14 @@ def model_card(config: PipelineConfig, reference: dict[str, Any], tags: dict[str
     training = ""
     summary = read_train_summary(adapter_dir)
     if summary:
-        training = (f"- **Training:** {summary.get('global_step')} steps, eval loss "
+        held = summary.get("adapter_step")
+        kept = f" (adapter from step {held}, the best evaluation)" if held not in (None, summary.get("global_step")) \
+            else ""
+        replans = len(summary.get("replans") or [])
+        replanned = f"; re-planned {replans} time(s) after running out of memory" if replans else ""
+        training = (f"- **Training:** {summary.get('global_step')} steps{kept}, eval loss "
                     f"{_fmt(summary.get('eval_loss_before'))} → {_fmt(summary.get('eval_loss_after'))}, "
-                    f"{tags['gpu_plan']}\n")
+                    f"{tags['gpu_plan']}; {summary.get('stop_reason') or 'stop reason not recorded'}{replanned}\n")
     quant = reference.get("quantization", {})
     verdict = "promoted to **champion**" if decision.promote else "**challenger** only (not promoted)"
     reasons = "\n".join(f"  - {r}" for r in decision.reasons)

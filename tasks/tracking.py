@@ -391,6 +391,17 @@ class PipelineTracker:
         self.client.log_dict(self.run_id, report.to_dict(), "gpu/device_report.json")
         self.client.log_dict(self.run_id, plan_dict, "gpu/plan.json")
 
+    def log_replan(self, change: dict[str, Any], plan: TrainingPlan) -> None:
+        """An out-of-memory re-plan during training (tasks.oom), recorded as it happens: the `plan.*` tags
+        move to the new plan (tags are mutable for this), the change is a tag `replan.step_<n>` and a JSON
+        file, and `gpu/plan.json` is replaced by the plan training continues under."""
+        plan_dict = plan.to_dict()
+        tags: dict[str, Any] = {f"plan.{k}": v for k, v in plan_dict.items() if isinstance(v, (str, int, float, bool))}
+        tags[f"replan.step_{change['at_step']}"] = json.dumps(change, sort_keys=True)
+        self.set_tags(tags)
+        self.client.log_dict(self.run_id, change, f"training/replan-step-{change['at_step']}.json")
+        self.client.log_dict(self.run_id, plan_dict, "gpu/plan.json")
+
     def log_training(self, summary: TrainSummary, loss_history: list[dict[str, Any]]) -> None:
         """The training summary as metrics (`train.*`) and JSON, and the loss curve as a PNG.
 
@@ -400,7 +411,13 @@ class PipelineTracker:
         values = dataclasses.asdict(summary)
         scalars = {k: v for k, v in values.items() if k != "plan"}
         self.log_metrics(_numbers("train", scalars), step=int(summary.global_step or 0))
-        tags = {"adapter_sha256": summary.adapter_sha256}
+        tags: dict[str, Any] = {"adapter_sha256": summary.adapter_sha256, "training.stop_reason": summary.stop_reason,
+                                "training.stopped_early": str(summary.stopped_early).lower()}
+        if summary.best_step is not None:
+            tags.update({"training.best_step": summary.best_step, "training.best_metric": summary.best_metric,
+                         "training.adapter_step": summary.adapter_step})
+        if summary.replans:
+            tags["training.replans"] = json.dumps(summary.replans, sort_keys=True)
         if summary.resumed_from_step:
             tags.update(resumed_from_run=summary.resumed_from_run or "unknown",
                         resumed_from_step=summary.resumed_from_step)

@@ -6,6 +6,10 @@ last one. The finished adapter is written to a temporary folder and swapped into
 half-written adapter in place of a good one. Its content hash goes into `train_summary.json`, so
 registration can prove it uploads the adapter this training wrote. The run holds the output dir
 (`tasks.run_lock`) while it works in it.
+
+With `training.eval_steps`, transformers' own best-model machinery keeps the best evaluated step and
+`EarlyStoppingCallback` stops training when it stops improving (`best_step_selection` reports it). A
+step that runs out of GPU memory is re-planned and resumed, not fatal (`tasks.oom`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs.schema import PipelineConfig
+from configs.schema import BEST_METRICS_GREATER_IS_BETTER, PipelineConfig
 from tasks.adapter import adapter_dir_for, write_adapter
 from tasks.data import DatasetSplits, tokenize_example
 from tasks.gpu import TrainingPlan
@@ -33,6 +38,7 @@ from tasks.modeling import (
     quiet_libraries,
     release_memory,
 )
+from tasks.oom import give_up_message
 from tasks.run_lock import hold_output_dir
 
 CHECKPOINT_DIRNAME = "checkpoints"
@@ -57,12 +63,21 @@ class TrainSummary:
     plan: dict[str, Any] = field(default_factory=dict)
     adapter_sha256: str = ""  # tasks.adapter.adapter_content_hash of the written adapter folder
     resumed_from_run: str | None = None  # MLflow run that wrote the checkpoint this run resumed from
+    best_metric: str | None = None  # training.best_metric when evaluations picked a best step, else None
+    best_step: int | None = None  # the evaluated step with the best metric
+    best_metric_value: float | None = None
+    adapter_step: int | None = None  # the step whose weights the adapter holds (best_step when kept, else last)
+    stopped_early: bool = False
+    stop_reason: str = ""  # why training ended, in words
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # {step, <metric>} of each evaluation
+    replans: list[dict[str, Any]] = field(default_factory=list)  # out-of-memory re-plans (tasks.oom.plan_change)
 
 
 @dataclass
 class TrainResult:
     adapter_dir: Path
     summary: TrainSummary
+    plan: TrainingPlan | None = None  # the plan training finished under (differs after an out-of-memory re-plan)
     model: Any = None  # the in-memory PeftModel, only when asked for (tests); else released
 
 
@@ -108,10 +123,23 @@ _BOOKKEEPING_KEYS = {"output_dir", "resume", "save_steps", "save_total_limit", "
                      "output_dir_lock", "lock_timeout_s"}
 
 
+# Settings that decide which evaluated step becomes the adapter and when training stops. Inert without
+# evaluations during training; with them, a resume under other values would give an adapter that no
+# one config describes, so they count as setup then (eval_steps too: it sets which steps compete).
+_BEST_STEP_KEYS = {"eval_steps", "early_stopping_patience", "best_metric", "keep_best"}
+# How the effective batch is split (per-device batch x accumulation) and whether activations are
+# recomputed: the plan's effective batch stands for them. An out-of-memory re-plan changes the split
+# and turns checkpointing on, and resuming under it is the same setup.
+_SPLIT_KEYS = {"per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing"}
+
+
 def training_setup_hash(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits) -> str:
     """What a checkpoint's weights and optimizer state depend on: model, quantization, LoRA, data
-    settings and content, training hyper-parameters and the plan's batch and dtype."""
-    training = {k: v for k, v in config.training.model_dump(mode="json").items() if k not in _BOOKKEEPING_KEYS}
+    settings and content, training hyper-parameters, the best-step settings when evaluations pick one,
+    and the plan's effective batch (not its per-device split) and dtype."""
+    best_step = _BEST_STEP_KEYS if not config.training.selects_best else set()
+    ignored = (_BOOKKEEPING_KEYS - _BEST_STEP_KEYS) | best_step | _SPLIT_KEYS
+    training = {k: v for k, v in config.training.model_dump(mode="json").items() if k not in ignored}
     setup = {
         "model": config.model.model_dump(mode="json"),
         "quantization": config.quantization.model_dump(mode="json"),
@@ -119,7 +147,7 @@ def training_setup_hash(config: PipelineConfig, plan: TrainingPlan, splits: Data
         "data": config.data.model_dump(mode="json"),
         "data_fingerprint": splits.fingerprint,
         "training": training,
-        "plan": [plan.per_device_batch_size, plan.gradient_accumulation_steps, plan.compute_dtype, plan.load_in_4bit],
+        "plan": [plan.per_device_batch_size * plan.gradient_accumulation_steps, plan.compute_dtype, plan.load_in_4bit],
     }
     return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -260,6 +288,13 @@ def training_arguments(config: PipelineConfig, plan: TrainingPlan, checkpoint_di
         logging_steps=training.logging_steps,
         eval_strategy="steps" if training.eval_steps else "no",
         eval_steps=training.eval_steps,
+        # Best step (tasks.train.best_step_selection): transformers keeps the best checkpoint out of
+        # save_total_limit's rotation and loads it back at the end; save_steps == eval_steps (schema).
+        load_best_model_at_end=training.selects_best and training.keep_best,
+        metric_for_best_model=training.best_metric if training.selects_best else None,
+        greater_is_better=BEST_METRICS_GREATER_IS_BETTER[training.best_metric] if training.selects_best else None,
+        # a resumed run continues the early-stopping count (EarlyStoppingCallback's state in the checkpoint)
+        restore_callback_states_from_checkpoint=True,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         seed=training.seed,
@@ -268,6 +303,47 @@ def training_arguments(config: PipelineConfig, plan: TrainingPlan, checkpoint_di
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+
+
+def early_stopping_callbacks(config: PipelineConfig) -> list[Any]:
+    """transformers' own EarlyStoppingCallback when `training.early_stopping_patience` is set."""
+    from transformers import EarlyStoppingCallback
+
+    patience = config.training.early_stopping_patience
+    return [EarlyStoppingCallback(early_stopping_patience=patience)] if patience and config.training.eval_steps else []
+
+
+def best_step_selection(config: PipelineConfig, trainer: Any) -> dict[str, Any]:
+    """How training ended and which step the adapter holds, from the Trainer's own state.
+
+    Read after `trainer.train()` and before any further evaluation (which would add to the log).
+    `state.best_global_step`/`best_metric` are what transformers chose; the early-stopping callback is
+    looked up in the Trainer (a resumed run replaces the instance passed in with the checkpoint's).
+    """
+    from transformers import EarlyStoppingCallback
+
+    training = config.training
+    state = trainer.state
+    metric = training.best_metric
+    evaluations = [{"step": int(entry["step"]), metric: float(entry[metric])}
+                   for entry in state.log_history if metric in entry and "step" in entry]
+    planned = int(state.max_steps or 0)
+    stopper = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStoppingCallback)), None)
+    stopped_early = bool(stopper and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
+                         and state.global_step < planned)
+    outcome: dict[str, Any] = {"evaluations": evaluations, "stopped_early": stopped_early,
+                               "adapter_step": state.global_step, "stop_reason": f"reached the planned {planned} steps"}
+    if not training.selects_best or state.best_global_step is None:
+        return outcome
+    best_step, best_value = int(state.best_global_step), float(state.best_metric)
+    outcome.update(best_metric=metric, best_step=best_step, best_metric_value=best_value)
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        outcome["adapter_step"] = int(Path(state.best_model_checkpoint).name.split("-")[-1])
+    if stopped_early:
+        outcome["stop_reason"] = (
+            f"early stopping: {metric} did not improve on {best_value:.4f} (step {best_step}) for "
+            f"{stopper.early_stopping_patience} evaluations; stopped at step {state.global_step} of {planned}")
+    return outcome
 
 
 def planned_steps(config: PipelineConfig, plan: TrainingPlan, train_rows: int) -> int:
@@ -285,6 +361,24 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+@dataclass
+class _Progress:
+    """What survives from one training attempt to the next after an out-of-memory re-plan."""
+
+    started: float
+    replans: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: tuple[int, str | None] | None = None  # the first attempt's (step, writer run)
+
+
+class _OutOfMemoryInStep(Exception):
+    """Internal: a step ran out of memory; the attempt dropped its model and trainer before raising."""
+
+    def __init__(self, at_step: int, error: str) -> None:
+        super().__init__(error)
+        self.at_step = at_step
+        self.error = error
+
+
 def train(
     config: PipelineConfig,
     plan: TrainingPlan,
@@ -292,6 +386,7 @@ def train(
     callbacks: list[Any] | None = None,
     keep_model: bool = False,
     run_id: str | None = None,
+    on_replan: Callable[[dict[str, Any], TrainingPlan], None] | None = None,
 ) -> TrainResult:
     """Stage 3: train the adapter and write it to `<output_dir>/adapter`.
 
@@ -300,24 +395,60 @@ def train(
     else is written to the output dir before the base model has loaded and the LoRA targets are
     checked, so a config error leaves no trace. `run_id`, the pipeline's MLflow run, is recorded with
     the checkpoints, so a run that resumes from them can name the run it continues.
+
+    A step that runs out of GPU memory does not end the stage: memory is freed, the plan re-planned
+    (`tasks.oom.replan_after_oom`: same effective batch, smaller per-device split, checkpointing on) and
+    training resumes from the last checkpoint; the effective batch is the setup hash's, so the resume
+    counts as the same setup. `on_replan(change, new_plan)` is told of each change as it happens (the
+    flow records it in the MLflow run); the summary's `replans` lists them all. With nothing smaller
+    left, `tasks.oom.OutOfMemoryGiveUp` says so.
     """
+    from tasks.oom import OutOfMemoryGiveUp, plan_change, replan_after_oom
+
+    progress = _Progress(started=time.perf_counter())
     with hold_output_dir(config.training):
-        return _train_holding_output_dir(config, plan, splits, callbacks, keep_model, run_id)
+        while True:
+            try:
+                return _train_holding_output_dir(config, plan, splits, callbacks, keep_model, run_id, progress)
+            except _OutOfMemoryInStep as oom:
+                at_step, error = oom.at_step, oom.error
+            # outside the except block: the exception and its frames (model, trainer) are gone
+            release_memory()
+            smaller = replan_after_oom(plan)
+            if smaller is None:
+                raise OutOfMemoryGiveUp(give_up_message(plan, at_step, error))
+            resume_step = _last_checkpoint_step(Path(config.training.output_dir) / CHECKPOINT_DIRNAME)
+            change = plan_change(plan, smaller, at_step, resume_step, error)
+            progress.replans.append(change)
+            logger.warning("out of memory at step %s: %s; resuming from step %s", at_step, smaller.notes[-1],
+                           resume_step)
+            if on_replan is not None:
+                on_replan(change, smaller)
+            plan = smaller
+
+
+def _last_checkpoint_step(checkpoint_dir: Path) -> int:
+    found = last_checkpoint(checkpoint_dir)
+    return int(Path(found).name.split("-")[-1]) if found else 0
 
 
 def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits,
-                              callbacks: list[Any] | None, keep_model: bool, run_id: str | None) -> TrainResult:
+                              callbacks: list[Any] | None, keep_model: bool, run_id: str | None,
+                              progress: _Progress) -> TrainResult:
     import torch
     from transformers import Trainer
 
+    from tasks.oom import fault_injection_callbacks
+
     quiet_libraries()
-    started = time.perf_counter()
+    started = progress.started
     torch.manual_seed(config.training.seed)
     tokenizer = load_tokenizer(config)
     base = load_base_model(config, plan)
     if config.training.packing:
         base.set_attn_implementation(packing_attention(plan))
     model = build_lora_model(base, config, plan)
+    del base
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     output_dir = Path(config.training.output_dir)
@@ -328,6 +459,8 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
     resumed_from_run = checkpoint_writer(checkpoint_dir, resumed_step) if resume_from else None
     if resume_from:
         logger.info("resuming from %s, written by MLflow run %s", resume_from, resumed_from_run or "unknown")
+    if progress.resumed_from is None:
+        progress.resumed_from = (resumed_step, resumed_from_run)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     record_run_start(checkpoint_dir, setup_hash, run_id, resumed_step)
 
@@ -342,21 +475,27 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
         eval_dataset=eval_data,
         data_collator=data_collator(tokenizer, config.training.packing),
         processing_class=tokenizer,
-        callbacks=callbacks or [],
+        callbacks=[*early_stopping_callbacks(config), *fault_injection_callbacks(), *(callbacks or [])],
     )
 
     initial_eval_file = checkpoint_dir / INITIAL_EVAL_FILE
-    if eval_data is not None and not initial_eval_file.exists():
-        initial_eval_file.write_text(json.dumps(trainer.evaluate()))
+    try:
+        if eval_data is not None and not initial_eval_file.exists():
+            initial_eval_file.write_text(json.dumps(trainer.evaluate()))
+        output = trainer.train(resume_from_checkpoint=resume_from)
+    except torch.cuda.OutOfMemoryError as exc:
+        at_step = int(trainer.state.global_step) + 1
+        del trainer, model  # this frame stays alive in the traceback: drop what holds GPU memory
+        raise _OutOfMemoryInStep(at_step, str(exc)) from None
     eval_before = json.loads(initial_eval_file.read_text()).get("eval_loss") if initial_eval_file.exists() else None
-
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    selection = best_step_selection(config, trainer)  # before the final evaluation adds to the log
     eval_after = trainer.evaluate().get("eval_loss") if eval_data is not None else None
     runtime = output.metrics.get("train_runtime") or (time.perf_counter() - started)
     tokens = int(trainer.state.num_input_tokens_seen)
+    first_resume_step, first_resume_run = progress.resumed_from
     summary = TrainSummary(
         global_step=trainer.state.global_step,
-        resumed_from_step=resumed_step,
+        resumed_from_step=first_resume_step,
         train_loss=output.training_loss,
         eval_loss_before=eval_before,
         eval_loss_after=eval_after,
@@ -366,12 +505,19 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
         peak_memory_bytes=peak_memory_bytes(plan.device),
         trainable_params=trainable,
         plan=plan.to_dict(),
-        resumed_from_run=resumed_from_run,
+        resumed_from_run=first_resume_run,
+        replans=list(progress.replans),
+        **selection,
     )
+    if selection["adapter_step"] != summary.global_step:
+        logger.info("the adapter holds step %s (best %s %.4f), not the last step %s; %s", selection["adapter_step"],
+                    selection.get("best_metric"), selection.get("best_metric_value"), summary.global_step,
+                    selection["stop_reason"])
     adapter_dir = adapter_dir_for(config)
     summary.adapter_sha256 = write_adapter(model, tokenizer, config, asdict(summary), adapter_dir)
     mark_completed(checkpoint_dir, setup_hash)
-    result = TrainResult(adapter_dir=adapter_dir, summary=summary, model=model if keep_model else None)
+    result = TrainResult(adapter_dir=adapter_dir, summary=summary, plan=plan,
+                         model=model if keep_model else None)
     del trainer, model
     release_memory()
     return result
