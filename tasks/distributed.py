@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -100,6 +101,25 @@ def distributed_arguments(plan: TrainingPlan) -> dict[str, Any]:
             "train_batch_size": "auto",
         }
     return args
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux `PR_SET_PDEATHSIG`).
+
+    torchrun starts each rank in a session of its own, so a `kill -9` of the launching process group
+    (a crashed worker, a cancelled flow run) would leave the ranks training on, without the output-dir
+    lock, into the folder the next run resumes from. Applied to torchrun (as its `preexec_fn`) and by
+    each rank at start, a dead launcher takes its ranks with it. Elsewhere than Linux this is a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, 9, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def free_port() -> int:
@@ -197,6 +217,8 @@ def launch_training(config: PipelineConfig, plan: TrainingPlan, splits: DatasetS
     checkpoint_to_resume(output_dir / CHECKPOINT_DIRNAME, training_setup_hash(config, plan, splits),
                          config.training.resume)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(".distributed-*"):  # a killed launch's folder; the lock says none is live
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=".distributed-", dir=output_dir) as workdir:
         work = Path(workdir)
         spec_path = work / SPEC_FILE
@@ -210,7 +232,7 @@ def launch_training(config: PipelineConfig, plan: TrainingPlan, splits: DatasetS
         log.info("launching %d ranks (%s): %s", plan.world_size, plan.distributed, " ".join(command))
         tail: list[str] = []
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              bufsize=1) as process:
+                              bufsize=1, preexec_fn=die_with_parent) as process:
             assert process.stdout is not None
             for line in process.stdout:
                 line = line.rstrip()

@@ -20,7 +20,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 @record
 def main(spec_path: str) -> None:
-    from tasks.distributed import RESULT_FILE, is_main_rank, read_spec
+    from tasks.distributed import RESULT_FILE, die_with_parent, is_main_rank, read_spec
+
+    die_with_parent()  # torchrun's agent; it dies with the launching stage, so a killed stage leaves no rank
     from tasks.train import train
 
     config, plan, splits, spec = read_spec(Path(spec_path))
