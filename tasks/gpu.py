@@ -489,6 +489,13 @@ def world_size_for(config: PipelineConfig, report: DeviceReport, notes: list[str
                      "process; set training.num_processes to run several CPU ranks (gloo)")
         return 1
     wanted = int(training.num_processes)
+    if not gpus and training.distributed == "fsdp" and wanted > 1:
+        # accelerate (1.15, AcceleratorState) turns FSDP on only for accelerator devices: CPU ranks would
+        # silently run plain DDP (measured here: an adapter bitwise equal to the DDP run's).
+        raise PlanRefused(
+            "training.distributed=fsdp needs GPUs: on CPU ranks accelerate ignores FSDP and would run plain DDP. "
+            "Use training.distributed=ddp on this machine, or run the FSDP config where GPUs are visible"
+        )
     if gpus and wanted > gpus:
         raise PlanRefused(
             f"training.num_processes={wanted} but only {gpus} GPU(s) are visible; each rank needs its own GPU. "

@@ -358,7 +358,9 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
 
     initial_eval_file = checkpoint_dir / INITIAL_EVAL_FILE
     eval_before = None
-    if eval_data is not None and not initial_eval_file.exists():
+    # transformers evaluates a DeepSpeed model before training only under ZeRO-3 ("ZeRO inference only
+    # makes sense with ZeRO Stage 3"), so with ZeRO-2 offload there is no eval loss before training.
+    if eval_data is not None and not initial_eval_file.exists() and plan.offload == "none":
         initial = trainer.evaluate()  # every rank: the eval loss is gathered across them
         eval_before = initial.get("eval_loss")
         if main_rank:

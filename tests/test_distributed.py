@@ -85,6 +85,9 @@ def test_auto_is_one_rank_per_gpu_and_more_ranks_than_gpus_is_refused(demo_asset
         plan_training(gpus(2), demo_config(demo_assets, *TWO_RANKS[:1], "training.num_processes=4"), demo_stats)
     cpu_auto = plan_training(NO_GPU, demo_config(demo_assets, "training.distributed=ddp"), demo_stats)
     assert cpu_auto.world_size == 1 and any("set training.num_processes" in n for n in cpu_auto.notes)
+    with pytest.raises(PlanRefused, match="fsdp needs GPUs"):
+        plan_training(NO_GPU, demo_config(demo_assets, "training.distributed=fsdp", "training.num_processes=2"),
+                      demo_stats)
     with pytest.raises(PlanRefused, match="distributed=none trains in one process"):
         plan_training(NO_GPU, demo_config(demo_assets, "training.num_processes=2"), demo_stats)
     single = plan_training(gpus(4), demo_config(demo_assets), demo_stats)
