@@ -29,5 +29,19 @@ if ! "$PYTHON" -c "import bitsandbytes" >/dev/null 2>&1; then
 fi
 
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# Multi-GPU case, only where several GPUs are visible: DDP and FSDP-QLoRA ranks (torchrun, nccl) of the
+# pipeline's own train stage on the demo model against one process at the same global batch
+# (bench/distributed.py). Skipped on one GPU; skip it with BENCH_MULTI_GPU=0.
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [[ "${BENCH_MULTI_GPU:-1}" != 0 && "${gpus:-0}" -gt 1 && " $* " != *" --dry-run "* ]]; then
+  out_dir=bench
+  for ((i = 1; i <= $#; i++)); do [[ "${!i}" == --out ]] && { j=$((i + 1)); out_dir="${!j}"; }; done
+  for strategy in ddp fsdp; do
+    timeout "${BENCH_MULTI_GPU_TIMEOUT:-240}" "$PYTHON" -m bench.distributed --strategy "$strategy" --ranks "$gpus" \
+      --steps 100 --batch $((8 * gpus)) --out "$out_dir/multi_gpu_${strategy}.json" \
+      || echo "bench/gpu.sh: multi-GPU $strategy case failed (see above)" >&2
+  done
+fi
+
 # Hard stop well inside the 8-minute budget; the script itself takes about 2-3 minutes on an H200.
 exec timeout "${BENCH_GPU_TIMEOUT:-450}" "$PYTHON" -m bench.gpu_bench "$@"

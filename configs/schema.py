@@ -185,6 +185,31 @@ class TrainingConfig(_Section):
         "fail", description="another live run holds output_dir: fail at once naming it, or wait for it"
     )
     lock_timeout_s: float = Field(21600.0, gt=0, description="with output_dir_lock=wait: longest wait, in seconds")
+    distributed: Literal["none", "ddp", "fsdp"] = Field(
+        "none", description="none: one process; ddp: data parallel, one 4-bit base per rank; fsdp: FSDP-QLoRA, "
+                            "the 4-bit base sharded across ranks (models larger than one GPU)"
+    )
+    num_processes: int | Literal["auto"] = Field(
+        "auto", description="ranks with distributed=ddp|fsdp; auto: one per visible GPU (1 on a CPU machine, "
+                            "where a number must be given); the effective batch is kept (tasks.gpu.plan_training)"
+    )
+    offload: Literal["none", "zero2_cpu"] = Field(
+        "none", description="zero2_cpu: DeepSpeed ZeRO-2 with the optimizer states on the CPU (needs deepspeed)"
+    )
+
+    @field_validator("num_processes")
+    @classmethod
+    def _positive_processes(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"training.num_processes must be 'auto' or > 0, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _offload_needs_one_strategy(self) -> TrainingConfig:
+        if self.offload != "none" and self.distributed == "fsdp":
+            raise ValueError("training.offload=zero2_cpu runs DeepSpeed ZeRO-2, which replaces FSDP: set "
+                             "training.distributed to ddp (or none) with it, or offload to none with fsdp")
+        return self
 
     @field_validator("per_device_batch_size")
     @classmethod

@@ -156,6 +156,19 @@ class TrainingPlan:
     available_memory_bytes: int
     memory_breakdown: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    world_size: int = 1  # training processes (ranks); per_device_batch_size is per rank
+    distributed: str = "none"  # none | ddp | fsdp (training.distributed)
+    offload: str = "none"  # none | zero2_cpu (training.offload)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Examples per optimizer step over all ranks: what the configured batch means."""
+        return self.per_device_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @property
+    def launches_ranks(self) -> bool:
+        """Training runs in processes started by torchrun (several ranks, or DeepSpeed's launcher env)."""
+        return self.world_size > 1 or self.offload != "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,8 +182,11 @@ class TrainingPlan:
         quant = f"{self.quant_type}{'+dq' if self.double_quant else ''} 4-bit" if self.load_in_4bit else "16-bit"
         return (
             f"{self.device}:{self.device_name} {quant} compute={self.compute_dtype} "
-            f"batch={self.per_device_batch_size}x{self.gradient_accumulation_steps} "
-            f"ckpt={'on' if self.gradient_checkpointing else 'off'} "
+            f"batch={self.per_device_batch_size}x{self.gradient_accumulation_steps}"
+            + (f"x{self.world_size}ranks({self.distributed}) effective={self.effective_batch_size} "
+               if self.world_size > 1 else " ")
+            + (f"offload={self.offload} " if self.offload != "none" else "")
+            + f"ckpt={'on' if self.gradient_checkpointing else 'off'} "
             f"mem~{self.estimated_memory_bytes / GIB:.2f}/{self.available_memory_bytes / GIB:.1f}GiB"
         )
 
@@ -370,10 +386,10 @@ def plan_training(report: DeviceReport, config: PipelineConfig, stats: ModelStat
         device = report.devices[0]
         available = int(device.free_memory_bytes * MEMORY_HEADROOM)
         device_name = device.name
-        if len(report.devices) > 1:
+        if len(report.devices) > 1 and training.distributed == "none":
             notes.append(
-                f"{len(report.devices)} GPUs found; this plan uses cuda:0. Launch with `accelerate launch` "
-                "or torchrun for DDP across them."
+                f"{len(report.devices)} GPUs found; this plan uses cuda:0. "
+                "Set training.distributed=ddp (or fsdp) to train on all of them."
             )
     else:
         available = int(report.ram_total_bytes * 0.5) if report.ram_total_bytes else 8 * GIB
@@ -414,6 +430,20 @@ def plan_training(report: DeviceReport, config: PipelineConfig, stats: ModelStat
             "a shorter data.max_seq_length, a lower lora.r, quantization.load_in_4bit=true, or a smaller model."
         )
     batch, checkpointing, breakdown = chosen
+    world_size = world_size_for(config, report, notes)
+    accumulation = training.gradient_accumulation_steps
+    if world_size > 1:
+        batch, accumulation = split_effective_batch(batch, accumulation, world_size)
+        notes.append(
+            f"{world_size} ranks ({training.distributed}, {'nccl' if on_gpu else 'gloo'}): per-rank batch {batch} x "
+            f"accumulation {accumulation} x {world_size} ranks keeps the single-process effective batch "
+            f"{batch * accumulation * world_size}"
+        )
+    if training.distributed == "fsdp" and quant.load_in_4bit:
+        notes.append(f"FSDP-QLoRA: 4-bit weights stored as {compute_dtype} (bnb_4bit_quant_storage) so FSDP can "
+                     "shard them with the other parameters")
+    if training.offload == "zero2_cpu":
+        notes.append("DeepSpeed ZeRO-2 with the optimizer states offloaded to the CPU (training.offload=zero2_cpu)")
     if training.per_device_batch_size == "auto" and on_gpu:
         notes.append(f"batch size {batch} chosen as the largest of {AUTO_BATCH_SIZES} that fits")
     return TrainingPlan(
@@ -424,13 +454,70 @@ def plan_training(report: DeviceReport, config: PipelineConfig, stats: ModelStat
         double_quant=quant.double_quant,
         compute_dtype=compute_dtype,
         per_device_batch_size=batch,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         gradient_checkpointing=checkpointing,
         optim=training.optim,
         estimated_memory_bytes=sum(breakdown.values()),
         available_memory_bytes=available,
         memory_breakdown=breakdown,
         notes=tuple(notes),
+        world_size=world_size,
+        distributed=training.distributed if world_size > 1 else "none",
+        offload=training.offload,
+    )
+
+
+def world_size_for(config: PipelineConfig, report: DeviceReport, notes: list[str]) -> int:
+    """How many ranks train: one per visible GPU for `auto`, the configured number otherwise.
+
+    A CPU machine has no natural rank count, so `auto` there means one process (with a note on how to
+    ask for more). More ranks than GPUs is refused: two ranks would share one card's memory.
+    """
+    training = config.training
+    if training.distributed == "none":
+        if isinstance(training.num_processes, int) and training.num_processes > 1:
+            raise PlanRefused(
+                f"training.num_processes={training.num_processes} but training.distributed=none trains in one "
+                "process; set training.distributed=ddp (or fsdp) to use several, or num_processes to auto"
+            )
+        return 1
+    gpus = len(report.devices)
+    if training.num_processes == "auto":
+        if gpus:
+            return gpus
+        notes.append(f"training.distributed={training.distributed} on a CPU machine with num_processes=auto: one "
+                     "process; set training.num_processes to run several CPU ranks (gloo)")
+        return 1
+    wanted = int(training.num_processes)
+    if not gpus and training.distributed == "fsdp" and wanted > 1:
+        # accelerate (1.15, AcceleratorState) turns FSDP on only for accelerator devices: CPU ranks would
+        # silently run plain DDP (measured here: an adapter bitwise equal to the DDP run's).
+        raise PlanRefused(
+            "training.distributed=fsdp needs GPUs: on CPU ranks accelerate ignores FSDP and would run plain DDP. "
+            "Use training.distributed=ddp on this machine, or run the FSDP config where GPUs are visible"
+        )
+    if gpus and wanted > gpus:
+        raise PlanRefused(
+            f"training.num_processes={wanted} but only {gpus} GPU(s) are visible; each rank needs its own GPU. "
+            f"Set training.num_processes to at most {gpus} (or auto)"
+        )
+    return wanted
+
+
+def split_effective_batch(batch: int, accumulation: int, world_size: int) -> tuple[int, int]:
+    """(per-rank batch, accumulation) with per-rank batch x accumulation x world_size equal to the
+    single-process effective batch `batch x accumulation`; the largest per-rank batch that divides it.
+
+    Keeping the effective batch keeps the learning-rate schedule and the loss curve of the one-process
+    run; PlanRefused when the ranks cannot share it evenly.
+    """
+    effective = batch * accumulation
+    for per_rank in range(batch, 0, -1):
+        if effective % (per_rank * world_size) == 0:
+            return per_rank, effective // (per_rank * world_size)
+    raise PlanRefused(
+        f"the effective batch {effective} (training.per_device_batch_size {batch} x gradient_accumulation_steps "
+        f"{accumulation}) cannot be split evenly over {world_size} ranks; make it a multiple of {world_size}"
     )
 
 

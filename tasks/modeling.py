@@ -139,6 +139,23 @@ def pin_cpu_4bit_path(model: Any) -> int:
     return switched
 
 
+def local_device(device: str) -> int | str:
+    """This process's device: the GPU of its rank under torchrun (LOCAL_RANK), cuda:0 alone, or "cpu".
+
+    Each rank loads its own copy of the 4-bit base on its own GPU; pinning every rank to GPU 0 would
+    put all of them on one card.
+    """
+    if device != "cuda":
+        return "cpu"
+    import os
+
+    import torch
+
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(index)
+    return index
+
+
 def load_model(source: str, *, revision: str | None, trust_remote_code: bool, load_in_4bit: bool,
                quant_type: str, double_quant: bool, compute_dtype: str, device: str) -> Any:
     """The one place a base model is loaded: quantized by `quantization_config`, CPU path pinned.
@@ -155,7 +172,7 @@ def load_model(source: str, *, revision: str | None, trust_remote_code: bool, lo
         trust_remote_code=trust_remote_code,
         quantization_config=quantization_config(quant_type, double_quant, compute_dtype) if load_in_4bit else None,
         dtype=torch_dtype(compute_dtype),
-        device_map={"": 0 if device == "cuda" else "cpu"},
+        device_map={"": local_device(device)},
     )
     pin_cpu_4bit_path(model)
     return model

@@ -29,6 +29,7 @@ from typing import Any
 from configs.schema import BEST_METRICS_GREATER_IS_BETTER, PipelineConfig
 from tasks.adapter import adapter_dir_for, write_adapter
 from tasks.data import DatasetSplits, tokenize_example
+from tasks.distributed import distributed_arguments, in_launched_rank, is_main_rank, launch_training
 from tasks.gpu import TrainingPlan
 from tasks.modeling import (
     check_target_modules,
@@ -149,6 +150,8 @@ def training_setup_hash(config: PipelineConfig, plan: TrainingPlan, splits: Data
         "training": training,
         "plan": [plan.per_device_batch_size * plan.gradient_accumulation_steps, plan.compute_dtype, plan.load_in_4bit],
     }
+    if plan.launches_ranks:  # only then, so single-process checkpoints keep their hash
+        setup["ranks"] = [plan.world_size, plan.distributed, plan.offload]
     return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -302,6 +305,7 @@ def training_arguments(config: PipelineConfig, plan: TrainingPlan, checkpoint_di
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        **distributed_arguments(plan),
     )
 
 
@@ -406,7 +410,11 @@ def train(
     from tasks.oom import OutOfMemoryGiveUp, plan_change, replan_after_oom
 
     progress = _Progress(started=time.perf_counter())
+    if in_launched_rank():  # a torchrun rank (tasks.distributed_worker): its launcher holds the output dir
+        return _train_holding_output_dir(config, plan, splits, callbacks, keep_model, run_id, progress)
     with hold_output_dir(config.training):
+        if plan.launches_ranks:  # several ranks, or DeepSpeed: torchrun starts them, each comes back above
+            return launch_training(config, plan, splits, callbacks=callbacks, run_id=run_id)
         while True:
             try:
                 return _train_holding_output_dir(config, plan, splits, callbacks, keep_model, run_id, progress)
@@ -454,7 +462,8 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
     output_dir = Path(config.training.output_dir)
     checkpoint_dir = output_dir / CHECKPOINT_DIRNAME
     setup_hash = training_setup_hash(config, plan, splits)
-    resume_from = checkpoint_to_resume(checkpoint_dir, setup_hash, config.training.resume)
+    # In a rank, the launcher already cleared what must not be resumed: the ranks only read.
+    resume_from = checkpoint_to_resume(checkpoint_dir, setup_hash, config.training.resume or in_launched_rank())
     resumed_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
     resumed_from_run = checkpoint_writer(checkpoint_dir, resumed_step) if resume_from else None
     if resume_from:
@@ -462,7 +471,9 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
     if progress.resumed_from is None:
         progress.resumed_from = (resumed_step, resumed_from_run)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    record_run_start(checkpoint_dir, setup_hash, run_id, resumed_step)
+    main_rank = is_main_rank()  # rank 0 (or the only process) alone writes files
+    if main_rank:
+        record_run_start(checkpoint_dir, setup_hash, run_id, resumed_step)
 
     max_len = config.data.max_seq_length
     train_data = tokenized_dataset(tokenizer, splits.train, max_len, config.data.train_on)
@@ -479,15 +490,22 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
     )
 
     initial_eval_file = checkpoint_dir / INITIAL_EVAL_FILE
+    eval_before = None
     try:
-        if eval_data is not None and not initial_eval_file.exists():
-            initial_eval_file.write_text(json.dumps(trainer.evaluate()))
+        # transformers evaluates a DeepSpeed model before training only under ZeRO-3 ("ZeRO inference only
+        # makes sense with ZeRO Stage 3"), so with ZeRO-2 offload there is no eval loss before training.
+        if eval_data is not None and not initial_eval_file.exists() and plan.offload == "none":
+            initial = trainer.evaluate()  # every rank: the eval loss is gathered across them
+            eval_before = initial.get("eval_loss")
+            if main_rank:
+                initial_eval_file.write_text(json.dumps(initial))
+        elif initial_eval_file.exists():
+            eval_before = json.loads(initial_eval_file.read_text()).get("eval_loss")
         output = trainer.train(resume_from_checkpoint=resume_from)
     except torch.cuda.OutOfMemoryError as exc:
         at_step = int(trainer.state.global_step) + 1
         del trainer, model  # this frame stays alive in the traceback: drop what holds GPU memory
         raise _OutOfMemoryInStep(at_step, str(exc)) from None
-    eval_before = json.loads(initial_eval_file.read_text()).get("eval_loss") if initial_eval_file.exists() else None
     selection = best_step_selection(config, trainer)  # before the final evaluation adds to the log
     eval_after = trainer.evaluate().get("eval_loss") if eval_data is not None else None
     runtime = output.metrics.get("train_runtime") or (time.perf_counter() - started)
@@ -514,8 +532,9 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
                     selection.get("best_metric"), selection.get("best_metric_value"), summary.global_step,
                     selection["stop_reason"])
     adapter_dir = adapter_dir_for(config)
-    summary.adapter_sha256 = write_adapter(model, tokenizer, config, asdict(summary), adapter_dir)
-    mark_completed(checkpoint_dir, setup_hash)
+    if main_rank:
+        summary.adapter_sha256 = write_adapter(model, tokenizer, config, asdict(summary), adapter_dir)
+        mark_completed(checkpoint_dir, setup_hash)
     result = TrainResult(adapter_dir=adapter_dir, summary=summary, plan=plan,
                          model=model if keep_model else None)
     del trainer, model
