@@ -202,13 +202,8 @@ def launch_training(config: PipelineConfig, plan: TrainingPlan, splits: DatasetS
     `training_callback(tracker)`): rank 0 logs into it with its own callback, and the rank-0 loss
     history is copied into each given callback's `history` afterwards, as if it had run here.
     """
-    from tasks.train import (
-        CHECKPOINT_DIRNAME,
-        TrainResult,
-        TrainSummary,
-        checkpoint_to_resume,
-        training_setup_hash,
-    )
+    from tasks.checkpoints import CHECKPOINT_DIRNAME, checkpoint_to_resume, training_setup_hash
+    from tasks.train import TrainResult, TrainSummary
 
     tracker = next((cb.tracker for cb in callbacks or [] if getattr(cb, "tracker", None) is not None), None)
     system_metrics = next((cb.system_metrics for cb in callbacks or [] if hasattr(cb, "system_metrics")), None)

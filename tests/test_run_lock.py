@@ -304,8 +304,8 @@ def test_two_runs_on_one_output_folder_the_second_is_refused_the_first_registers
 
     from flows.finetune import finetune_flow
     from tasks.adapter import CONFIG_FILE, SUMMARY_FILE, adapter_content_hash
+    from tasks.checkpoints import CHECKPOINT_DIRNAME, RUN_FILE
     from tasks.run_lock import LOCK_FILE, OutputDirInUse, read_holder
-    from tasks.train import CHECKPOINT_DIRNAME, RUN_FILE
 
     out, log = tmp_path / "out", tmp_path / "run1.log"
     first = start_qlora_run(pipeline_overrides("training.learning_rate=3e-3"), log)
@@ -347,7 +347,7 @@ def test_a_run_killed_hard_is_marked_killed_and_the_next_run_resumes_naming_it(
     import mlflow
 
     from flows.finetune import finetune_flow
-    from tasks.train import CHECKPOINT_DIRNAME
+    from tasks.checkpoints import CHECKPOINT_DIRNAME
 
     out, log = tmp_path / "out", tmp_path / "killed.log"
     overrides = pipeline_overrides()

@@ -54,7 +54,8 @@ def second_adapter(trained, tmp_path_factory):
     """A second really trained adapter that answers differently: the shared run's adapter as it was at its
     step-80 checkpoint (adapter files only), so this module costs no second training run; trained for 40
     steps with another learning rate when that checkpoint is not there."""
-    from tasks.train import CHECKPOINT_DIRNAME, train
+    from tasks.checkpoints import CHECKPOINT_DIRNAME
+    from tasks.train import train
 
     config, plan, splits, result = trained
     checkpoint = Path(config.training.output_dir) / CHECKPOINT_DIRNAME / "checkpoint-80"

@@ -9,9 +9,10 @@ import torch
 from transformers import TrainerCallback
 
 from tasks.adapter import CONFIG_FILE, SUMMARY_FILE
+from tasks.checkpoints import CHECKPOINT_DIRNAME
 from tasks.data import load_splits
 from tasks.gpu import check_gpu
-from tasks.train import CHECKPOINT_DIRNAME, train
+from tasks.train import train
 
 
 def test_lora_targets_are_real_4bit_layers(trained) -> None:

@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 
 from configs.schema import ConfigError
 from tasks.adapter import SUMMARY_FILE
+from tasks.checkpoints import CHECKPOINT_DIRNAME, training_setup_hash
 from tasks.data import load_splits
 from tasks.gpu import check_gpu
 from tasks.register import training_outcome_tags
-from tasks.train import CHECKPOINT_DIRNAME, train, training_setup_hash
+from tasks.train import train
 
 # A learning rate far too high for the demo: eval loss falls once, then rises (measured: 7.1 at step 2,
 # 8.4 at step 4 with eval every 2 steps), so patience 1 stops at step 4 and step 2 is the best.
