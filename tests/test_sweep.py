@@ -1,7 +1,7 @@
 """The hyper-parameter search flow `qlora-sweep` on the demo: real Optuna studies in sqlite, real tiny
 QLoRA trials, real MLflow stores, a real Prefect server (prefect_test_harness), a real kill -9.
 
-Trials are tiny (20 steps, 8 evaluation rows) so the file stays within a few minutes on 2 cores.
+Trials are tiny (12 steps, 8 evaluation rows) so the file stays within a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 SWEEP_CONFIG = REPO_ROOT / "configs" / "demo-sweep.yaml"
-TINY_TRIALS = ["training.max_steps=20", "training.eval_steps=10", "training.save_steps=10",
-               "training.logging_steps=10", "evaluation.max_rows=8", "evaluation.max_new_tokens=8",
+TINY_TRIALS = ["training.max_steps=12", "training.eval_steps=6", "training.save_steps=6",
+               "training.logging_steps=6", "evaluation.max_rows=8", "evaluation.max_new_tokens=8",
                "evaluation.bootstrap_resamples=100", "registry.log_input_example=false"]
 GRID_2X2 = "sweep.space={lora.r: [4, 8], training.learning_rate: [1.0e-3, 3.0e-3]}"
 
@@ -138,7 +138,7 @@ def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_u
     assert states == {3e-3: "complete", 1e-7: "pruned"}
     (pruned,) = [row for row in outcome.trials if row["state"] == "pruned"]
     summary = (tmp_path / "out" / "trials" / str(pruned["trial"]) / "adapter" / "train_summary.json").read_text()
-    assert json.loads(summary)["global_step"] < 20, "a pruned trial must stop training at once"
+    assert json.loads(summary)["global_step"] < 12, "a pruned trial must stop training at once"
 
 
 def test_cv_folds_report_the_mean_and_the_spread(prefect_api_url, demo_assets, tmp_path):
@@ -194,3 +194,28 @@ def test_a_bad_space_is_refused_before_any_training_naming_the_key(demo_assets, 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and named in " ".join(result.output.split())
     assert not (tmp_path / "out").exists() and not (tmp_path / "optuna.db").exists()
+
+
+def test_the_sweep_deployment_is_weekly_paused_and_loads_the_sweep_flow() -> None:
+    import yaml
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    (deployment,) = [d for d in PrefectYamlModel.model_validate(spec).deployments if d.name == "sweep-weekly"]
+    assert load_flow_from_entrypoint(str(REPO_ROOT / deployment.entrypoint)).name == "qlora-sweep"
+    assert (REPO_ROOT / deployment.parameters["config_path"]).exists()
+    (schedule,) = [s for s in spec["deployments"] if s["name"] == "sweep-weekly"][0]["schedules"]
+    assert schedule["active"] is False, "the sweep deployment must be paused by default"
+    cron = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    assert len(cron.cron.split()) == 5 and cron.cron.split()[2:4] == ["*", "*"], "not a weekly schedule"
+
+
+def test_a_config_without_a_sweep_section_is_refused(demo_assets, tmp_path) -> None:
+    from configs.schema import ConfigError, load_config
+    from tasks.sweep import require_sweep
+
+    config = load_config(REPO_ROOT / "configs" / "demo.yaml", sweep_overrides(demo_assets, tmp_path))
+    with pytest.raises(ConfigError, match="no sweep: section"):
+        require_sweep(config)
