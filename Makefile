@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 
-.PHONY: install demo test lint demo-assets mlflow-ui ui serve serve-model bench bench-serving stack-test clean
+.PHONY: install demo sweep test lint demo-assets mlflow-ui ui serve serve-model bench bench-serving stack-test clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ demo-assets: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/qlora demo-assets
 	$(BIN)/qlora run --config $(CONFIG)
+
+# A small demo hyper-parameter search (4 trials of 60 steps, Optuna grid over rank and learning rate);
+# run it again and the study continues. Its best trial is registered like the nightly flow's adapter.
+sweep: $(STAMP)
+	$(BIN)/qlora demo-assets
+	$(BIN)/qlora sweep --config configs/demo-sweep.yaml
 
 # Nightly schedule from this process, for people without a work pool (see prefect.yaml otherwise).
 serve: $(STAMP)

@@ -382,6 +382,66 @@ class ServingConfig(_Section):
         return self
 
 
+SearchValue = bool | int | float | str | None
+SWEEP_OBJECTIVES: dict[str, str] = {"eval_loss": "minimize", "bleu": "maximize", "rougeL": "maximize"}
+
+
+class SearchRange(_Section):
+    """A numeric range searched by the sampler: ints when `low` and `high` are both ints, else floats."""
+
+    low: int | float
+    high: int | float
+    log: bool = Field(False, description="sample on a log scale (learning rates); needs low > 0")
+
+
+class SweepConfig(_Section):
+    """Hyper-parameter search (`qlora sweep`): Optuna samples `space`, each trial trains and evaluates.
+
+    `space` maps dotted config keys (`lora.r`, `training.learning_rate`) to a list of choices or to a
+    range; every value is checked against this schema before any training, so a typo or an impossible
+    value is refused naming its key.
+    """
+
+    space: dict[str, list[SearchValue] | SearchRange] = Field(
+        default_factory=dict, description="config key -> [choices] or {low, high, log}")
+    sampler: Literal["grid", "random", "tpe"] = Field("tpe", description="grid needs every key to be a choice list")
+    n_trials: int = Field(20, ge=1, description="trials in the study in total (a rerun only adds the missing ones); "
+                                                "grid: at most the grid's size")
+    seed: int = 0
+    pruner: Literal["none", "median", "hyperband"] = Field(
+        "median", description="stops trials whose intermediate eval loss (every training.eval_steps) lags")
+    pruner_startup_trials: int = Field(2, ge=0, description="median: trials that finish before any is pruned")
+    pruner_warmup_steps: int = Field(0, ge=0, description="median: steps before a trial can be pruned")
+    objective: Literal["eval_loss", "bleu", "rougeL"] = "eval_loss"
+    direction: Literal["auto", "minimize", "maximize"] = Field(
+        "auto", description="auto: minimize eval_loss, maximize bleu/rougeL")
+    parallel: int = Field(1, ge=1, description="trials run at a time (one per GPU node on a GPU work pool)")
+    cv_folds: int = Field(1, ge=1, description=">= 2: each trial trains on k hash-stable folds; objective = mean")
+    study_name: str | None = Field(None, description="None: '<registry.model_name>-sweep'; same name = same study")
+    storage: str | None = Field(
+        None, description="Optuna RDB URL; None: optuna.db beside a local sqlite MLflow store (else in the "
+                          "project dir's mlflow/ folder); PostgreSQL in the stack")
+    register_best: bool = Field(True, description="evaluate the best trial's adapter and register it (nightly gate)")
+
+    @field_validator("space")
+    @classmethod
+    def _well_formed_space(cls, space: dict[str, Any]) -> dict[str, Any]:
+        for key, spec in space.items():
+            if key.split(".", 1)[0] == "sweep":
+                raise ValueError(f"sweep.space.{key}: the sweep's own settings cannot be searched")
+            if isinstance(spec, list) and not spec:
+                raise ValueError(f"sweep.space.{key}: empty choice list; give at least one value")
+            if isinstance(spec, SearchRange):
+                if spec.low > spec.high:
+                    raise ValueError(f"sweep.space.{key}: low {spec.low} > high {spec.high}; swap them")
+                if spec.log and spec.low <= 0:
+                    raise ValueError(f"sweep.space.{key}: log scale needs low > 0, got {spec.low}")
+        return space
+
+    def resolved_direction(self) -> str:
+        return SWEEP_OBJECTIVES[self.objective] if self.direction == "auto" else self.direction
+
+
 class PipelineConfig(_Section):
     data: DataConfig
     model: ModelConfig
@@ -391,6 +451,45 @@ class PipelineConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     registry: RegistryConfig = RegistryConfig()
     serving: ServingConfig = ServingConfig()
+    sweep: SweepConfig | None = None
+
+    @model_validator(mode="after")
+    def _searchable_space(self) -> PipelineConfig:
+        """Every value of the sweep's space must give a valid config: checked by applying it as an override."""
+        if self.sweep is None:
+            return self
+        if self.sweep.sampler == "grid":
+            ranges = [key for key, spec in self.sweep.space.items() if isinstance(spec, SearchRange)]
+            if ranges:
+                raise ValueError(f"sweep.space.{ranges[0]}: the grid sampler needs a list of choices, not a range")
+        if self.sweep.pruner != "none" and self.sweep.space and not self.training.eval_steps:
+            raise ValueError("sweep.pruner needs intermediate eval losses: set training.eval_steps (e.g. 10) or "
+                             "sweep.pruner: none")
+        base = self.model_dump(mode="json", exclude={"sweep"}, exclude_unset=True)  # as written: presets still apply
+        for key, spec in self.sweep.space.items():
+            values = spec if isinstance(spec, list) else [spec.low, spec.high]
+            for value in values:
+                try:
+                    PipelineConfig.model_validate(with_override(base, key, value))
+                except (ValidationError, ConfigError) as exc:
+                    detail = "; ".join(_format_validation_error(exc, "").splitlines()[1:]).strip() \
+                        if isinstance(exc, ValidationError) else str(exc)
+                    raise ValueError(f"sweep.space.{key}: value {value!r} does not give a valid config: {detail}") \
+                        from None
+        return self
+
+    def with_overrides(self, values: dict[str, Any]) -> PipelineConfig:
+        """This config with `dotted.key -> value` applied and validated again (a sweep trial's config).
+
+        Applied to the values as written, not as resolved, so derived defaults follow: `lora.r: 8`
+        with no explicit alpha gets alpha from `alpha_policy`, as it would in a config file."""
+        raw = self.model_dump(mode="json", exclude_unset=True)
+        for key, value in values.items():
+            raw = with_override(raw, key, value)
+        try:
+            return PipelineConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error(exc, "with overrides")) from exc
 
     def config_hash(self) -> str:
         """Content hash of the resolved config; recorded with every registered version."""
@@ -420,10 +519,27 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             lines.append(f"  unknown key '{key}': remove it or check its spelling (see configs/schema.py)")
         elif error["type"] == "missing":
             lines.append(f"  missing key '{key}': it is required")
+        elif not key:  # a whole-config check (e.g. the sweep space): its message names the key
+            lines.append("  " + error["msg"].removeprefix("Value error, "))
         else:
             message = error["msg"].removeprefix("Value error, ")
             lines.append(f"  {key}: {message} (got {error.get('input')!r})")
     return "\n".join(lines)
+
+
+def with_override(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A deep copy of the raw config mapping with `dotted` (section.key) set to `value`."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    keys = dotted.split(".")
+    node = out
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{dotted}': '{key}' is not a section")
+    node[keys[-1]] = value
+    return out
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -275,6 +275,28 @@ def run_command(config: ConfigOption = None, set_: SetOption = None) -> None:
     )
 
 
+@command("sweep")
+def sweep_command(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Search hyper-parameters (the config's sweep: section) as the Prefect flow qlora-sweep; a rerun continues
+    the same Optuna study, and the best trial's adapter is evaluated and registered like the nightly flow's."""
+    from flows.sweep import sweep_flow
+    from tasks.sweep import require_sweep
+
+    cfg = load(config, set_)
+    require_sweep(cfg)  # no sweep section: refused before a Prefect server starts
+    preflight(cfg)
+    outcome = sweep_flow(config_path=flow_config_path(config), overrides=list(set_ or []))
+    for row in outcome.trials:
+        console.print(f"trial {row['trial']}: {row['state']} value={row['value']} "
+                      + " ".join(f"{k}={v}" for k, v in row.items() if "." in k), markup=False)
+    console.print(f"study {outcome.study_name} ({outcome.storage}); ran now: {outcome.ran_now}; "
+                  f"MLflow run {outcome.run_id}", markup=False)
+    if outcome.registration is not None:
+        reg = outcome.registration
+        console.print(f"best trial registered as {reg.name} version {reg.version} (aliases: "
+                      f"{', '.join(reg.aliases)}; {'promoted' if reg.promoted else 'not promoted'})", markup=False)
+
+
 @command("serve")
 def serve_command(
     config: ConfigOption = None,

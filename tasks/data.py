@@ -362,10 +362,33 @@ def to_example(row: dict[str, Any], fmt: str, index: int, source: str) -> Exampl
     return Example(prompt_messages, last["content"], index, source)
 
 
+def prompt_hash(example: Example) -> int:
+    """A stable 64-bit hash of the normalised prompt: the same on every machine and in every row order."""
+    return int.from_bytes(hashlib.sha256(example.prompt_key.encode()).digest()[:8], "big")
+
+
 def in_eval_split(example: Example, eval_fraction: float) -> bool:
     """Stable hash split: a prompt always falls on the same side, whatever the row order or machine."""
-    digest = hashlib.sha256(example.prompt_key.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 10_000 < round(eval_fraction * 10_000)
+    return prompt_hash(example) % 10_000 < round(eval_fraction * 10_000)
+
+
+def cv_folds(splits: DatasetSplits, k: int) -> list[DatasetSplits]:
+    """k cross-validation splits of all rows (train and eval together), by the same stable prompt hash
+    as the eval split: fold i evaluates on the prompts hashing to i and trains on the rest, so a prompt
+    is never on both sides and the folds are the same on every run."""
+    if k < 2:
+        raise DataError(f"cross-validation needs at least 2 folds, got {k}")
+    rows = splits.train + splits.eval
+    folds = []
+    for fold in range(k):
+        held_out = [e for e in rows if prompt_hash(e) % k == fold]
+        kept = [e for e in rows if prompt_hash(e) % k != fold]
+        if not held_out or not kept:
+            raise DataError(f"cv fold {fold} of {k} is empty: too few rows ({len(rows)}) for {k} folds; lower "
+                            "sweep.cv_folds")
+        folds.append(DatasetSplits(kept, held_out, splits.format, fingerprint(kept + held_out, splits.format),
+                                   list(splits.sources)))
+    return folds
 
 
 def fingerprint(examples: list[Example], fmt: str) -> str:

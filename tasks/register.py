@@ -298,14 +298,16 @@ def _cleanup_version(client: Any, name: str, version: str, restore: dict[str, st
 
 def register_adapter(config: PipelineConfig, adapter_dir: str | Path, eval_report: EvalReport,
                      validation: ValidationResult | None = None, plan: TrainingPlan | None = None,
-                     tracker: PipelineTracker | None = None, expected_sha256: str | None = None) -> RegistrationResult:
+                     tracker: PipelineTracker | None = None, expected_sha256: str | None = None,
+                     extra_tags: dict[str, str] | None = None) -> RegistrationResult:
     """Register the adapter as a new version of `registry.model_name`; see the module docstring.
 
     The version is logged into `tracker`'s run (the pipeline run; its creator ends it) and tagged with
     the registration's outcome. Without a tracker (`qlora register`) registration starts a run of its
     own, once the checks have passed, and ends it. The adapter's content is checked against the hash
     its training took (`verify_adapter_content`) just before anything is written to the registry, and
-    kept as the version tag `adapter_sha256`.
+    kept as the version tag `adapter_sha256`. `extra_tags` join the lineage tags (a sweep's study name
+    and trial number).
     """
     registry = config.registry
     adapter_dir = Path(adapter_dir).resolve()
@@ -333,6 +335,7 @@ def register_adapter(config: PipelineConfig, adapter_dir: str | Path, eval_repor
     run_id = tracker.run_id
     tags = lineage_tags(config, adapter_dir, eval_report, validation, plan, reference, decision, run_id)
     tags["adapter_sha256"] = adapter_sha256
+    tags.update({key: str(value)[:MAX_TAG_VALUE] for key, value in (extra_tags or {}).items()})
     description = model_card(config, reference, tags, report, decision, adapter_dir)
 
     ensure_registered_model(client, registry.model_name)

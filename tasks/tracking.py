@@ -300,12 +300,14 @@ class PipelineTracker:
 
     @classmethod
     def start(cls, config: PipelineConfig, run_name: str | None = None,
-              tracking_uri: str | None = None) -> PipelineTracker:
+              tracking_uri: str | None = None, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> PipelineTracker:
         """Create the pipeline's MLflow run (it stays RUNNING for the later stages) and its tracker.
 
         Params: the resolved config flattened (`section.key`) and `lib.<name>` versions; tags: the config
         hash, the library versions and the owning process. No fluent run is left active in the process.
-        Runs of the experiment left RUNNING by a process that died are then marked KILLED.
+        Runs of the experiment left RUNNING by a process that died are then marked KILLED. With
+        `parent_run_id` the run is nested under that one (a sweep trial under its study's run).
         """
         from mlflow.entities import Param
 
@@ -315,6 +317,7 @@ class PipelineTracker:
         tracker = cls("", uri)
         experiment_id = ensure_experiment(tracker.client, config.registry.experiment_name, uri)
         versions = library_versions()
+        extra = {**(tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
         tags = {
             "config_hash": config.config_hash(),
             "base_model": config.model.name_or_path,
@@ -322,6 +325,7 @@ class PipelineTracker:
             **{f"lib.{name}": version for name, version in versions.items()},
             **process_tags(),
             "mlflow.note.content": _run_note(config),
+            **extra,
         }
         tracker.run_id = tracker.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         try:

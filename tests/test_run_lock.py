@@ -138,8 +138,7 @@ def test_the_nightly_deployment_runs_one_at_a_time() -> None:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
-    (deployment,) = PrefectYamlModel.model_validate(spec).deployments
-    assert deployment.name == "finetune-nightly"
+    (deployment,) = [d for d in PrefectYamlModel.model_validate(spec).deployments if d.name == "finetune-nightly"]
     assert isinstance(deployment.concurrency_limit, ConcurrencyLimitSpec), "no concurrency_limit mapping"
     limit = ConcurrencyLimitConfig.model_validate(deployment.concurrency_limit.model_dump(exclude_none=True))
     assert limit.limit == 1 and limit.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
