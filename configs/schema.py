@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from configs.paths import PROJECT_DIR_ENV, default_config_path, project_dir
 
@@ -197,13 +197,6 @@ class TrainingConfig(_Section):
         "none", description="zero2_cpu: DeepSpeed ZeRO-2 with the optimizer states on the CPU (needs deepspeed)"
     )
 
-    @field_validator("num_processes")
-    @classmethod
-    def _positive_processes(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value <= 0:
-            raise ValueError(f"training.num_processes must be 'auto' or > 0, got {value}")
-        return value
-
     @model_validator(mode="after")
     def _offload_needs_one_strategy(self) -> TrainingConfig:
         if self.offload != "none" and self.distributed == "fsdp":
@@ -211,11 +204,11 @@ class TrainingConfig(_Section):
                              "training.distributed to ddp (or none) with it, or offload to none with fsdp")
         return self
 
-    @field_validator("per_device_batch_size")
+    @field_validator("per_device_batch_size", "num_processes")
     @classmethod
-    def _positive_batch(cls, value: int | str) -> int | str:
+    def _auto_or_positive(cls, value: int | str, info: ValidationInfo) -> int | str:
         if isinstance(value, int) and value <= 0:
-            raise ValueError(f"training.per_device_batch_size must be 'auto' or > 0, got {value}")
+            raise ValueError(f"training.{info.field_name} must be 'auto' or > 0, got {value}")
         return value
 
     @property
@@ -575,12 +568,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file {config_path} must hold a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:
         keys, value = _parse_override(item)
-        node = raw
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{key}' is not a section")
-        node[keys[-1]] = value
+        try:
+            raw = with_override(raw, ".".join(keys), value)
+        except ConfigError as exc:
+            raise ConfigError(f"override '{item}': {exc}") from None
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import platform
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from configs.schema import ConfigError, PipelineConfig
+from tasks.hardware import CPU_FEATURES, detect_cpu_features, probe_bitsandbytes
 
 GIB = 1024**3
 NF4_BITS_PER_PARAM = 4.127  # NF4 + double quantization, QLoRA paper section 3
@@ -22,9 +22,6 @@ CUDA_CONTEXT_BYTES = int(0.6 * GIB)
 MEMORY_HEADROOM = 0.85  # share of free memory the plan may use; the rest covers fragmentation
 AUTO_BATCH_SIZES = (16, 8, 4, 2, 1)
 CPU_BATCH_SIZE = 8
-# CPU flags (Linux /proc/cpuinfo names) that change how bitsandbytes computes 4-bit layers on the CPU:
-# with AVX512-BF16 it switches eval-mode layers to a packed bf16 kernel; AMX speeds bf16 matmuls.
-CPU_FEATURES = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16", "amx_tile": "AMX-TILE"}
 
 
 class PlanRefused(ConfigError):
@@ -194,64 +191,6 @@ class TrainingPlan:
         rows = "\n".join(f"| {k} | {v / GIB:.3f} GiB |" for k, v in self.memory_breakdown.items())
         notes = "\n".join(f"- {n}" for n in self.notes)
         return f"**Plan:** `{self.summary()}`\n\n| memory part | estimate |\n|---|---|\n{rows}\n\n{notes}".strip()
-
-
-def probe_bitsandbytes(device: str) -> tuple[str | None, bool, str | None]:
-    """Version of bitsandbytes and whether a real NF4 layer quantizes and runs on `device`."""
-    import logging
-
-    # On an AVX512-BF16 CPU, importing bitsandbytes warns that an optional fused kernel for its packed
-    # CPU path is missing; the pipeline never uses that path (tasks.modeling.pin_cpu_4bit_path).
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        import bitsandbytes as bnb
-        import torch
-    except Exception as exc:  # ImportError, or a broken native library raising at import
-        return None, False, f"{exc.__class__.__name__}: {exc}"
-    try:
-        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-        layer = layer.to(device)
-        out = layer(torch.ones(1, 64, device=device))
-        if not torch.isfinite(out).all():
-            raise RuntimeError("non-finite output from a 4-bit layer")
-        return bnb.__version__, True, None
-    except Exception as exc:
-        return getattr(bnb, "__version__", None), False, f"{exc.__class__.__name__}: {exc}"
-
-
-def cpu_features_from_cpuinfo(cpuinfo: str) -> tuple[str, ...]:
-    """The CPU_FEATURES flags listed in a /proc/cpuinfo text (its `flags` lines), in CPU_FEATURES order."""
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    return tuple(flag for flag in CPU_FEATURES if flag in flags)
-
-
-def detect_cpu_features(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> tuple[tuple[str, ...], str, bool]:
-    """(CPU_FEATURES flags present, torch's CPU capability, whether bitsandbytes detects AVX512-BF16).
-
-    /proc/cpuinfo exists on Linux only; elsewhere the flags come from bitsandbytes' own check, which
-    is what decides its behaviour anyway.
-    """
-    import torch
-
-    try:
-        capability = str(torch.backends.cpu.get_cpu_capability())
-    except Exception:
-        capability = ""
-    try:
-        from bitsandbytes.functional import has_avx512bf16
-
-        bnb_packed = bool(has_avx512bf16())
-    except Exception:
-        bnb_packed = False
-    try:
-        features = cpu_features_from_cpuinfo(cpuinfo_path.read_text())
-    except OSError:
-        features = ("avx512_bf16",) if bnb_packed else ()
-    return features, capability, bnb_packed
 
 
 def cpu_path_note(report: DeviceReport) -> str:

@@ -54,17 +54,31 @@ class _InMemoryMetric(evaluate.Metric):
         super().__init__(**kwargs)
 
 
+SACREBLEU_URL = "https://github.com/mjpost/sacrebleu"
+
+
+def _metric_info(description: str, citation: str, url: str | None = None,
+                 multi_reference: bool = False) -> evaluate.MetricInfo:
+    """The MetricInfo of one of these wrappers; `multi_reference` accepts several references per prediction."""
+    features = ([_features(multi_reference=False), _features(multi_reference=True)] if multi_reference
+                else _features(multi_reference=False))
+    references = "a string or a list of strings each" if multi_reference else "list of strings (one per prediction)"
+    return evaluate.MetricInfo(
+        description=description,
+        citation=citation,
+        inputs_description=f"predictions: list of strings; references: {references}",
+        features=features,
+        codebase_urls=[url] if url else [],
+    )
+
+
 class SacreBleuMetric(_InMemoryMetric):
     """Corpus BLEU from sacrebleu (0-100) with its signature string, the way to reproduce the number."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="Corpus BLEU computed by sacrebleu (sacrebleu.metrics.BLEU.corpus_score).",
-            citation="Post, 2018. A Call for Clarity in Reporting BLEU Scores.",
-            inputs_description="predictions: list of strings; references: a string or a list of strings each",
-            features=[_features(multi_reference=False), _features(multi_reference=True)],
-            codebase_urls=["https://github.com/mjpost/sacrebleu"],
-        )
+        return _metric_info("Corpus BLEU computed by sacrebleu (sacrebleu.metrics.BLEU.corpus_score).",
+                            "Post, 2018. A Call for Clarity in Reporting BLEU Scores.", SACREBLEU_URL,
+                            multi_reference=True)
 
     def _compute(self, predictions: list[str], references: list[Any], tokenize: str | None = None,
                  lowercase: bool = False) -> dict[str, Any]:
@@ -88,13 +102,9 @@ class ChrfMetric(_InMemoryMetric):
     """Corpus chrF from sacrebleu (0-100; character n-gram F-score, beta 2) with its signature string."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="Corpus chrF computed by sacrebleu (sacrebleu.metrics.CHRF.corpus_score).",
-            citation="Popovic, 2015. chrF: character n-gram F-score for automatic MT evaluation.",
-            inputs_description="predictions: list of strings; references: a string or a list of strings each",
-            features=[_features(multi_reference=False), _features(multi_reference=True)],
-            codebase_urls=["https://github.com/mjpost/sacrebleu"],
-        )
+        return _metric_info("Corpus chrF computed by sacrebleu (sacrebleu.metrics.CHRF.corpus_score).",
+                            "Popovic, 2015. chrF: character n-gram F-score for automatic MT evaluation.",
+                            SACREBLEU_URL, multi_reference=True)
 
     def _compute(self, predictions: list[str], references: list[Any]) -> dict[str, Any]:
         from sacrebleu.metrics import CHRF
@@ -114,12 +124,7 @@ class ExactMatchMetric(_InMemoryMetric):
     """Share of predictions equal to their reference (whitespace-trimmed, case kept), in points 0-100."""
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="Exact match: the share of predictions identical to their reference after strip().",
-            citation="",
-            inputs_description="predictions: list of strings; references: list of strings (one per prediction)",
-            features=_features(multi_reference=False),
-        )
+        return _metric_info("Exact match: the share of predictions identical to their reference after strip().", "")
 
     def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
         matches = exact_match_per_sample(references, predictions)
@@ -148,13 +153,9 @@ class RougeMetric(_InMemoryMetric):
     """
 
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="ROUGE F-measures computed by rouge-score (rouge_scorer.RougeScorer), in points.",
-            citation="Lin, 2004. ROUGE: A Package for Automatic Evaluation of Summaries.",
-            inputs_description="predictions: list of strings; references: list of strings (one per prediction)",
-            features=_features(multi_reference=False),
-            codebase_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
-        )
+        return _metric_info("ROUGE F-measures computed by rouge-score (rouge_scorer.RougeScorer), in points.",
+                            "Lin, 2004. ROUGE: A Package for Automatic Evaluation of Summaries.",
+                            "https://github.com/google-research/google-research/tree/master/rouge")
 
     def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
         per_sample = rouge_per_sample(references, predictions)

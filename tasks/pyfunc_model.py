@@ -78,7 +78,7 @@ def runtime_precision(quantization: dict[str, Any], load_in_4bit: bool | None) -
     """
     import torch
 
-    from tasks.gpu import probe_bitsandbytes
+    from tasks.hardware import probe_bitsandbytes
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if load_in_4bit is None:

@@ -14,10 +14,10 @@ from tasks.gpu import (
     DeviceReport,
     ModelStats,
     PlanRefused,
-    cpu_features_from_cpuinfo,
     detect_devices,
     plan_training,
 )
+from tasks.hardware import cpu_features_from_cpuinfo
 from tests.conftest import DEMO_CONFIG
 
 
