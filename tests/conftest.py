@@ -148,7 +148,8 @@ def make_eval_report(base: float = 2.0, adapter: float = 80.0, champion: float |
         report["general_text"] = {"path": "general.txt", "passages": 100}
     report["canaries"] = {"path": "canaries.yaml", "results": [
         {"name": f"canary {i}", "prompt": f"prompt {i}", "expect": {"contains": "zel"},
-         "output": "red" if i < canary_failures else "zel", "passed": i >= canary_failures} for i in range(3)]}
+         "output": "red" if i < canary_failures else "zel", "passed": i >= canary_failures} for i in range(3)],
+        "failed": min(canary_failures, 3)}
     if champion is not None:
         report["systems"]["champion"] = scores(champion, champion, champion_runaway)
         if champion_general_text_loss is not None:
