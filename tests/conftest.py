@@ -152,6 +152,8 @@ def make_eval_report(base: float = 2.0, adapter: float = 80.0, champion: float |
         "failed": min(canary_failures, 3)}
     if champion is not None:
         report["systems"]["champion"] = scores(champion, champion, champion_runaway)
+        if champion_general_text_loss is None and general_text_loss is not None:
+            champion_general_text_loss = general_text_loss[1]  # as good as the adapter: the guard holds
         if champion_general_text_loss is not None:
             report["systems"]["champion"]["general_text_loss"] = champion_general_text_loss
         report["samples"][0]["champion"] = "zel"
