@@ -24,6 +24,18 @@ SHORT_TRAINING = ["training.max_steps=160", "training.save_steps=80", "training.
                   "evaluation.max_rows=64"]
 
 
+def demo_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
+    """Overrides that point the demo config at the built assets and at a private output dir and sqlite
+    MLflow store in tmp_path, then `extra` (for configs passed by path, e.g. to a flow)."""
+    return [
+        f"data.path={demo_assets.data_path.resolve()}",
+        f"model.name_or_path={demo_assets.model_dir.resolve()}",
+        f"training.output_dir={tmp_path / 'out'}",
+        f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def demo_assets():
     from tasks.demo_assets import build_demo_assets

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from transformers import TrainerCallback
 
-from tests.conftest import DEMO_CONFIG, REPO_ROOT, SHORT_TRAINING
+from tests.conftest import DEMO_CONFIG, REPO_ROOT, SHORT_TRAINING, demo_overrides
 
 ARTIFACT_KEYS = {"validation-summary", "gpu-plan", "evaluation-report", "registration", "sample-predictions"}
 
@@ -23,14 +23,7 @@ def prefect_server():
 
 
 def flow_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        f"data.path={demo_assets.data_path.resolve()}",
-        f"model.name_or_path={demo_assets.model_dir.resolve()}",
-        f"training.output_dir={tmp_path / 'out'}",
-        f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        *SHORT_TRAINING,
-        *extra,
-    ]
+    return demo_overrides(demo_assets, tmp_path, *SHORT_TRAINING, *extra)
 
 
 async def artifact_keys(flow_run_id) -> set[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, demo_overrides
 
 SWEEP_CONFIG = REPO_ROOT / "configs" / "demo-sweep.yaml"
 TINY_TRIALS = ["training.max_steps=12", "training.eval_steps=6", "training.save_steps=6",
@@ -36,14 +36,7 @@ def prefect_api_url():
 
 
 def sweep_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        f"data.path={demo_assets.data_path.resolve()}",
-        f"model.name_or_path={demo_assets.model_dir.resolve()}",
-        f"training.output_dir={tmp_path / 'out'}",
-        f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        *TINY_TRIALS,
-        *extra,
-    ]
+    return demo_overrides(demo_assets, tmp_path, *TINY_TRIALS, *extra)
 
 
 def load_study(tmp_path: Path, name: str = "demo-qlora-adapter-sweep"):
