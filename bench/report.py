@@ -12,6 +12,8 @@ from bench.common import MIB, fmt_range
 NOTES_FILE = Path(__file__).resolve().parent / "NOTES.md"
 SECTION_TITLES = {
     "training": "1. Training throughput: `tasks.train.train` vs a hand-written loop",
+    "training_step": "1b. Training throughput on a representative step (8 layers x 512 hidden)",
+    "compile": "1c. `training.compile` (torch.compile) vs eager",
     "packing": "2. Packing: padding-free batches vs padded batches on mixed-length data",
     "memory": "3. Memory: NF4 + double quantization vs bf16",
     "evaluation": "4. Evaluation: batched generation vs one prompt at a time",
@@ -43,6 +45,15 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         optim = training["setup"].get("optim_option", "adamw_torch")
         add("training", f"tokens/s, project with training.optim={optim} (CPU option) ÷ hand-written",
             training["adamw_ratio"], training["target"], True)
+    step = results.get("training_step", {})
+    if "ratio" in step:
+        s_per_step = step["project_s_per_step"]["median"]
+        add("training_step", f"tokens/s, project ÷ hand-written, {step['setup']['parameters'] / 1e6:.0f}M-parameter "
+            f"model ({s_per_step:.2f} s/step)", step["ratio"], step["target"], True)
+    compiled = results.get("compile", {})
+    if "ratio" in compiled:
+        add("compile", "tokens/s after warm-up, training.compile=true ÷ eager (demo model, CPU)", compiled["ratio"],
+            compiled["target"], True)
     packing = results.get("packing", {})
     if "ratio" in packing:
         add("packing", "real tokens/s, pipeline packing (flattened, per-sequence attention) ÷ padded",
@@ -92,6 +103,35 @@ def training_md(r: dict[str, Any]) -> str:
         f"| {fmt_range(r['project_end_to_end_tokens_per_s'], 0)} |",
         f"| end to end tokens/s, hand | {fmt_range(r['hand_end_to_end_tokens_per_s'], 0)} |",
         f"| end-to-end ratio (paired) | {fmt_range(r['end_to_end_ratio'])} |",
+        "", _setup(r["setup"]),
+    ])
+
+
+def training_step_md(r: dict[str, Any]) -> str:
+    return "\n".join([
+        "The same paired measurement as benchmark 1 on a model whose step is long enough for the Trainer's fixed "
+        "cost per step not to dominate.",
+        "",
+        "| figure | median (min–max) |", "|---|---|",
+        f"| project `train()` tokens/s, steady state | {fmt_range(r['project_tokens_per_s'], 0)} |",
+        f"| hand-written loop tokens/s, steady state | {fmt_range(r['hand_tokens_per_s'], 0)} |",
+        f"| **ratio project ÷ hand** (paired) | **{fmt_range(r['ratio'])}** (target ≥ {r['target']}) |",
+        f"| s/step: project / hand | {fmt_range(r['project_s_per_step'], 3)} / {fmt_range(r['hand_s_per_step'], 3)} |",
+        "", _setup(r["setup"]),
+    ])
+
+
+def compile_md(r: dict[str, Any]) -> str:
+    warm, loss = r["warmup_s"], r["train_loss"]
+    return "\n".join([
+        "| figure | eager | compiled |", "|---|---|---|",
+        f"| tokens/s after the warm-up steps | {fmt_range(r['eager_tokens_per_s'], 0)} "
+        f"| {fmt_range(r['compiled_tokens_per_s'], 0)} |",
+        f"| seconds to the end of the warm-up steps (compilation included) | {fmt_range(warm['eager'], 1)} "
+        f"| {fmt_range(warm['compiled'], 1)} |",
+        f"| train loss | {loss['eager']['median']:.4f} | {loss['compiled']['median']:.4f} |",
+        "",
+        f"- **compiled ÷ eager, steady state (paired): {fmt_range(r['ratio'])}**",
         "", _setup(r["setup"]),
     ])
 
@@ -226,7 +266,8 @@ def gpu_md(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"training": training_md, "packing": packing_md, "memory": memory_md, "evaluation": evaluation_md,
+RENDERERS = {"training": training_md, "training_step": training_step_md, "compile": compile_md,
+             "packing": packing_md, "memory": memory_md, "evaluation": evaluation_md,
              "orchestration": orchestration_md, "gpu": gpu_md}
 
 

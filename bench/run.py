@@ -28,7 +28,7 @@ from typing import Any
 from bench.common import REPO_ROOT, loadavg, machine_info
 
 DEFAULT_OUT = REPO_ROOT / "bench"
-SECTIONS = ("training", "packing", "memory", "evaluation", "orchestration")
+SECTIONS = ("training", "training_step", "compile", "packing", "memory", "evaluation", "orchestration")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,13 @@ class Sizes:
     train_steps: int
     train_warmup: int
     train_repeats: int
+    step_model: str  # benchmark 1b's model shape (bench.common.SHAPES)
+    step_train_steps: int
+    step_train_warmup: int
+    step_train_repeats: int
+    compile_steps: int | None  # None: skip (compiling takes minutes even for a tiny model)
+    compile_warmup: int
+    compile_repeats: int
     pack_rows: int
     pack_max_words: int
     pack_steps: int
@@ -55,20 +62,25 @@ class Sizes:
 
 
 FULL = Sizes(train_steps=60, train_warmup=10, train_repeats=3,
+             step_model="llama-step", step_train_steps=16, step_train_warmup=4, step_train_repeats=3,
+             compile_steps=40, compile_warmup=20, compile_repeats=1,
              pack_rows=1200, pack_max_words=85, pack_steps=20, pack_warmup=4, pack_repeats=3, pack_eval_rows=32,
              weights_shape="llama-1b", step_shape="llama-mid", step_batch=1, step_seq=64, step_repeats=2,
              eval_rows=64, eval_repeats=3, flow_overrides=())
 QUICK = Sizes(train_steps=3, train_warmup=1, train_repeats=1,
+              step_model="llama-tiny", step_train_steps=3, step_train_warmup=1, step_train_repeats=1,
+              compile_steps=None, compile_warmup=1, compile_repeats=1,
               pack_rows=200, pack_max_words=20, pack_steps=3, pack_warmup=1, pack_repeats=1, pack_eval_rows=8,
               weights_shape="llama-tiny", step_shape="llama-tiny", step_batch=1, step_seq=16, step_repeats=1,
               eval_rows=4, eval_repeats=1, flow_overrides=None)
 
 
 def run_sections(sections: list[str], sizes: Sizes, work: Path, threads: int) -> dict[str, Any]:
+    from bench.common import SHAPES
     from bench.evaluation import generation_benchmark
     from bench.memory import memory_benchmark
     from bench.orchestration import orchestration_benchmark
-    from bench.training import packing_benchmark, training_throughput
+    from bench.training import compile_benchmark, packing_benchmark, representative_model, training_throughput
     from tasks.demo_assets import build_demo_assets
     from tasks.modeling import quiet_libraries
 
@@ -78,6 +90,12 @@ def run_sections(sections: list[str], sizes: Sizes, work: Path, threads: int) ->
     jobs: dict[str, Callable[[], dict[str, Any]]] = {
         "training": lambda: training_throughput(assets, work / "training", s.train_steps, s.train_warmup,
                                                 s.train_repeats),
+        "training_step": lambda: training_throughput(
+            assets, work / "training-step", s.step_train_steps, s.step_train_warmup, s.step_train_repeats,
+            model_dir=representative_model(assets, work / "step-model", SHAPES[s.step_model]),
+            with_adamw=False),
+        "compile": lambda: compile_benchmark(assets, work / "compile", s.compile_steps or 0, s.compile_warmup,
+                                             s.compile_repeats),
         "packing": lambda: packing_benchmark(assets, work / "packing", s.pack_steps, s.pack_warmup, s.pack_repeats,
                                              s.pack_rows, s.pack_max_words, s.pack_eval_rows),
         "memory": lambda: memory_benchmark(work / "memory", s.weights_shape, s.step_shape, s.step_batch, s.step_seq,
@@ -90,6 +108,10 @@ def run_sections(sections: list[str], sizes: Sizes, work: Path, threads: int) ->
     for name in SECTIONS:
         if name not in sections:
             results[name] = {"skipped": "not selected (--sections)"}
+            continue
+        if name == "compile" and s.compile_steps is None:
+            results[name] = {"skipped": "compiling takes minutes even for a tiny model; it runs in the full "
+                                        "configuration (not --quick)"}
             continue
         if name == "orchestration" and s.flow_overrides is None:
             results[name] = {"skipped": "the demo flow takes minutes; it runs in the full configuration (not --quick)"}

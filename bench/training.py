@@ -58,10 +58,11 @@ class StepClock(TrainerCallback):
         self.timing.marks.append((time.perf_counter() - self.started, int(state.num_input_tokens_seen)))
 
 
-def demo_config(assets: DemoAssets, output_dir: Path, overrides: list[str]) -> PipelineConfig:
+def demo_config(assets: DemoAssets, output_dir: Path, overrides: list[str],
+                model_dir: Path | None = None) -> PipelineConfig:
     base = [
         f"data.path={assets.data_path.resolve()}",
-        f"model.name_or_path={assets.model_dir.resolve()}",
+        f"model.name_or_path={(model_dir or assets.model_dir).resolve()}",
         f"training.output_dir={output_dir}",
         "training.resume=false",
     ]
@@ -147,25 +148,62 @@ def run_hand_written(config: PipelineConfig, plan: TrainingPlan, splits: Dataset
     return timing
 
 
+def _parameter_count(config: PipelineConfig) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model.name_or_path))
+    return sum(p.numel() for p in model.parameters())
+
+
 CPU_OPTIM = "adamw_torch"  # the config option for CPU users; the default stays paged_adamw_8bit on purpose
 
 
-def training_throughput(assets: DemoAssets, work: Path, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
-    """Benchmark 1 on the demo model and data with the demo config (eval split left out of all sides).
+def representative_model(assets: DemoAssets, out: Path, shape: dict[str, Any], seed: int = 0) -> Path:
+    """A randomly initialised Llama of `shape` on the demo tokenizer, saved like a real base model.
 
-    Three sides per repeat, order rotating: the project as configured (`paged_adamw_8bit`), the
-    hand-written loop, and the project with `training.optim=adamw_torch`, the option for CPU users
+    Throughput does not depend on what the weights say, so it is not pretrained; the vocabulary is the
+    demo base's (padded to a multiple of 64), so the demo data and collators apply unchanged.
+    """
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    demo = AutoConfig.from_pretrained(assets.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir)
+    config = LlamaConfig(**{**shape, "vocab_size": demo.vocab_size, "bos_token_id": demo.bos_token_id,
+                            "eos_token_id": demo.eos_token_id, "pad_token_id": demo.pad_token_id})
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def training_throughput(assets: DemoAssets, work: Path, steps: int, warmup: int, repeats: int,
+                        model_dir: Path | None = None, batch_size: int | None = None,
+                        with_adamw: bool = True) -> dict[str, Any]:
+    """Benchmark 1 on the demo data with the demo config (eval split left out of all sides); the demo
+    model, or `model_dir` (benchmark 1b: the representative step) with `batch_size` rows a step.
+
+    Sides per repeat, order rotating: the project as configured (`paged_adamw_8bit`), the hand-written
+    loop, and (`with_adamw`) the project with `training.optim=adamw_torch`, the option for CPU users
     (the default keeps bitsandbytes' paged 8-bit optimizer on purpose; on a CPU paging does nothing).
     """
-    config = demo_config(assets, work / "project", [f"training.max_steps={steps}"])
-    adamw = demo_config(assets, work / "project-adamw", [f"training.max_steps={steps}", f"training.optim={CPU_OPTIM}"])
+    common = [f"training.max_steps={steps}"]
+    if batch_size:
+        common.append(f"training.per_device_batch_size={batch_size}")
+    config = demo_config(assets, work / "project", common, model_dir)
+    adamw = demo_config(assets, work / "project-adamw", [*common, f"training.optim={CPU_OPTIM}"], model_dir)
     splits = replace(load_splits(config.data), eval=[])  # time training only; train() skips eval without rows
     _, plan = check_gpu(config)
     _, adamw_plan = check_gpu(adamw)
-    sides = ("project", "hand", "project_adamw")
+    sides = ("project", "hand", "project_adamw") if with_adamw else ("project", "hand")
     runs: dict[str, list[RunTiming]] = {side: [] for side in sides}
     for repeat in range(repeats):
-        for side in sides[repeat % 3:] + sides[:repeat % 3]:
+        for side in sides[repeat % len(sides):] + sides[:repeat % len(sides)]:
             if side == "project":
                 runs[side].append(run_project(config, plan, splits))
             elif side == "project_adamw":
@@ -176,6 +214,19 @@ def training_throughput(assets: DemoAssets, work: Path, steps: int, warmup: int,
                   flush=True)
     steady = {side: [t.steady_tokens_per_s(warmup) for t in runs[side]] for side in sides}
     e2e = {side: [t.end_to_end_tokens_per_s() for t in runs[side]] for side in sides}
+    if not with_adamw:
+        return {
+            "setup": {"model": str(config.model.name_or_path), "parameters": _parameter_count(config), "steps": steps,
+                      "warmup_steps": warmup, "repeats": repeats, "batch_size": plan.per_device_batch_size,
+                      "max_seq_length": config.data.max_seq_length, "optim_project": plan.optim,
+                      "optim_hand": "torch.optim.AdamW", "compute_dtype": plan.compute_dtype, "lora_r": config.lora.r},
+            "project_tokens_per_s": summarize(steady["project"]),
+            "hand_tokens_per_s": summarize(steady["hand"]),
+            "ratio": paired_ratios(steady["project"], steady["hand"]),
+            "project_s_per_step": summarize([t.steady_s_per_step(warmup) for t in runs["project"]]),
+            "hand_s_per_step": summarize([t.steady_s_per_step(warmup) for t in runs["hand"]]),
+            "target": 0.97,
+        }
     return {
         "setup": {
             "model": str(config.model.name_or_path), "steps": steps, "warmup_steps": warmup, "repeats": repeats,
@@ -302,3 +353,34 @@ def packing_benchmark(assets: DemoAssets, work: Path, steps: int, warmup: int, r
     }
 
 
+def compile_benchmark(assets: DemoAssets, work: Path, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
+    """`training.compile` (torch.compile through TrainingArguments.torch_compile) against eager, paired.
+
+    The compiled side's first steps include the compilation; steady state is read after `warmup` steps,
+    when the compiled graphs exist (packing changes the batch length each step, so dynamo recompiles
+    until it marks the length dynamic or reaches its recompile limit and runs those frames eagerly).
+    """
+    eager = demo_config(assets, work / "eager", [f"training.max_steps={steps}"])
+    compiled = demo_config(assets, work / "compiled", [f"training.max_steps={steps}", "training.compile=true"])
+    splits = replace(load_splits(eager.data), eval=[])
+    _, plan = check_gpu(eager)
+    sides = {"eager": eager, "compiled": compiled}
+    runs: dict[str, list[RunTiming]] = {side: [] for side in sides}
+    for repeat in range(repeats):
+        order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
+        for side in order:
+            runs[side].append(run_project(sides[side], plan, splits))
+            print(f"  [compile] repeat {repeat + 1}/{repeats} {side}: "
+                  f"{runs[side][-1].steady_tokens_per_s(warmup):.0f} tok/s", flush=True)
+    steady = {side: [t.steady_tokens_per_s(warmup) for t in runs[side]] for side in sides}
+    return {
+        "setup": {"model": str(eager.model.name_or_path), "steps": steps, "warmup_steps": warmup, "repeats": repeats,
+                  "batch_size": plan.per_device_batch_size, "packing": eager.training.packing,
+                  "compute_dtype": plan.compute_dtype, "device": plan.device},
+        "eager_tokens_per_s": summarize(steady["eager"]),
+        "compiled_tokens_per_s": summarize(steady["compiled"]),
+        "ratio": paired_ratios(steady["compiled"], steady["eager"]),
+        "warmup_s": {side: summarize([t.marks[warmup - 1][0] for t in runs[side]]) for side in sides},
+        "train_loss": {side: summarize([t.extra["train_loss"] for t in runs[side]]) for side in sides},
+        "target": 1.0,
+    }

@@ -196,6 +196,10 @@ class TrainingConfig(_Section):
     offload: Literal["none", "zero2_cpu"] = Field(
         "none", description="zero2_cpu: DeepSpeed ZeRO-2 with the optimizer states on the CPU (needs deepspeed)"
     )
+    compile: bool = Field(
+        False, description="torch.compile the model (TrainingArguments.torch_compile). Off by default: on the "
+                           "CPU it measured slower with 4-bit layers (bench/RESULTS.md); no GPU gain measured yet"
+    )
 
     @model_validator(mode="after")
     def _offload_needs_one_strategy(self) -> TrainingConfig:

@@ -42,10 +42,10 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
     return found
 
 
-# Settings that change how often things are written, not what is trained: a checkpoint stays valid
-# when only these differ.
+# Settings that change how often things are written or how a step is run, not what is trained: a
+# checkpoint stays valid when only these differ.
 _BOOKKEEPING_KEYS = {"output_dir", "resume", "save_steps", "save_total_limit", "logging_steps", "eval_steps",
-                     "output_dir_lock", "lock_timeout_s"}
+                     "output_dir_lock", "lock_timeout_s", "compile"}  # compile: same math, another kernel
 
 
 # Settings that decide which evaluated step becomes the adapter and when training stops. Inert without

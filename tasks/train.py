@@ -165,6 +165,7 @@ def training_arguments(config: PipelineConfig, plan: TrainingPlan, checkpoint_di
         optim=plan.optim,
         gradient_checkpointing=plan.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        torch_compile=training.compile,
         bf16=plan.compute_dtype == "bfloat16",
         fp16=plan.compute_dtype == "float16",
         use_cpu=plan.device == "cpu",

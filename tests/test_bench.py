@@ -20,12 +20,14 @@ from tests.conftest import REPO_ROOT
 SECTION_KEYS = {
     "training": {"project_tokens_per_s", "hand_tokens_per_s", "ratio", "adamw_ratio", "end_to_end_ratio", "setup",
                  "target"},
+    "training_step": {"project_tokens_per_s", "hand_tokens_per_s", "ratio", "project_s_per_step", "setup", "target"},
     "packing": {"real_tokens_per_s", "ratio", "dense_mask_ratio", "speedup_over_dense_mask", "train_loss",
                 "eval_loss_after", "real_tokens_seen"},
     "memory": {"weights", "step", "qlora_paper_bits_per_param", "target"},
     "evaluation": {"batched_samples_per_s", "single_samples_per_s", "ratio", "outputs_equal_share"},
 }
-HEADINGS = ["## Summary", "## 1. Training throughput", "## 2. Packing", "## 3. Memory", "## 4. Evaluation",
+HEADINGS = ["## Summary", "## 1. Training throughput", "## 1b. Training throughput on a representative step",
+            "## 1c. `training.compile`", "## 2. Packing", "## 3. Memory", "## 4. Evaluation",
             "## 5. Orchestration overhead", "## 6. GPU (H200)"]
 
 
@@ -64,8 +66,10 @@ def test_quick_run_writes_every_figure(quick_run) -> None:
     assert all(run["peak_reset_worked"] for runs in step["runs"].values() for run in runs)
     assert results["evaluation"]["outputs_equal_share"] == 1.0
     assert "skipped" in results["orchestration"]  # the flow runs in the full configuration only
-    assert [row["section"] for row in results["summary"]] == ["training", "training", "packing", "memory",
-                                                              "evaluation"]
+    assert "skipped" in results["compile"]  # compiling takes minutes: full configuration only
+    assert results["training_step"]["setup"]["parameters"] > 0
+    assert [row["section"] for row in results["summary"]] == ["training", "training", "training_step", "packing",
+                                                              "memory", "evaluation"]
 
 
 def test_results_md_has_every_section(quick_run) -> None:

@@ -218,3 +218,19 @@ def test_a_replan_is_recorded_in_the_pipeline_run_as_it_happens(make_config, mlf
     assert json.loads(run.data.tags["replan.step_30"]) == change
     artifacts = {a.path for a in tracker.client.list_artifacts(tracker.run_id, "training")}
     assert "training/replan-step-30.json" in artifacts
+
+
+def test_compile_reaches_the_trainer_and_a_compiled_run_resumes_an_eager_one(make_config, tmp_path) -> None:
+    """`training.compile` turns on the Trainer's own torch.compile (a real compiled run is benchmark 1c,
+    `make bench`: compiling takes minutes on the CPU); it changes kernels, not what is trained, so a
+    checkpoint written eagerly stays resumable with it on."""
+    from tasks.train import training_arguments
+
+    config = make_config()
+    compiled = make_config("training.compile=true")
+    _, plan = check_gpu(config)
+    assert config.training.compile is False
+    assert training_arguments(compiled, plan, tmp_path, 10).torch_compile is True
+    assert training_arguments(config, plan, tmp_path, 10).torch_compile is False
+    splits = load_splits(config.data)
+    assert training_setup_hash(config, plan, splits) == training_setup_hash(compiled, plan, splits)
