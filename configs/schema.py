@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,19 @@ from configs.paths import PROJECT_DIR_ENV, default_config_path, project_dir
 
 class ConfigError(ValueError):
     """A configuration problem a person must fix; the message names the key and the allowed values."""
+
+
+# A registered adapter version: models:/<name>/<version> or models:/<name>@<alias> (groups: name, version, alias).
+MODEL_URI = re.compile(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))/?")
+
+
+def check_adapter_source(value: str) -> str:
+    """An adapter given as a folder or a registry URI; a URI must name a version or an alias (no trailing /)."""
+    if not value.startswith("models:/"):
+        return value
+    if not MODEL_URI.fullmatch(value):
+        raise ValueError(f"'{value}' must look like models:/<name>@<alias> or models:/<name>/<version>")
+    return value.rstrip("/")
 
 
 class _Section(BaseModel):
@@ -53,8 +67,33 @@ class ValidationThresholds(_Section):
     data_docs_dir: Path | None = Field(None, description="write Great Expectations Data Docs HTML here")
 
 
-class DataConfig(_Section):
+# How `data.sources` are interleaved (datasets.interleave_datasets' stopping strategies).
+MixStopping = Literal["first_exhausted", "all_exhausted", "all_exhausted_without_replacement"]
+
+
+class DataSource(_Section):
+    """One entry of `data.sources`: a file (or hub dataset) and its share of the mixed training set."""
+
     path: str = Field(description="local .jsonl/.json/.csv/.parquet file, or a hub dataset id")
+    weight: float = Field(1.0, gt=0, description="share of the mix, relative to the other sources' weights")
+    format: DataFormat | None = Field(None, description="this source's format; None: data.format")
+
+
+class DataConfig(_Section):
+    path: str | None = Field(
+        None, description="local .jsonl/.json/.csv/.parquet file, or a hub dataset id: the one-source shorthand of "
+                          "`sources` (set one of the two)")
+    sources: list[DataSource] | None = Field(
+        None, description="training data mixed from several files by weight, e.g. tonight's rows plus a replay of "
+                          "older data: [{path, weight, format}] (a plain string is a source of weight 1); each is "
+                          "split, validated and fingerprinted on its own, then the train rows are interleaved "
+                          "(datasets.interleave_datasets)")
+    mix_seed: int = Field(42, description="seed of the interleaving of `sources` (same seed, same order)")
+    mix_stopping: MixStopping = Field(
+        "first_exhausted",
+        description="when the interleaving of `sources` ends: first_exhausted (when one source runs out: the "
+                    "weights are the shares, no row repeats), all_exhausted (when every row was used: smaller "
+                    "shares are repeated), all_exhausted_without_replacement (every row once; weights set the order)")
     eval_path: str | None = Field(None, description="separate eval file; when absent, eval is split off by hash")
     format: DataFormat = "auto"
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of rows hashed into eval when no eval_path")
@@ -68,6 +107,44 @@ class DataConfig(_Section):
     )
     hub_split: str = Field("train", description="split to read when `path` is a hub dataset id")
     validation: ValidationThresholds = ValidationThresholds()
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _plain_sources(cls, value: Any) -> Any:
+        """A plain string entry is a source of weight 1."""
+        if isinstance(value, list):
+            return [{"path": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_data(self) -> DataConfig:
+        if self.path is not None and self.sources is not None:
+            raise ValueError("data.path and data.sources are both set; data.path is the one-source shorthand of "
+                             "data.sources: keep one (on the command line, --set data.sources=null trains on "
+                             "data.path alone)")
+        if self.path is None and self.sources is None:
+            raise ValueError("no training data: set data.path (one file) or data.sources (a weighted list of "
+                             "files, e.g. [{path: new.jsonl, weight: 3}, {path: replay.jsonl, weight: 1}])")
+        if self.sources is not None and not self.sources:
+            raise ValueError("data.sources is empty; list at least one {path, weight}, or use data.path")
+        paths = [source.path for source in self.sources or []]
+        repeated = sorted({path for path in paths if paths.count(path) > 1})
+        if repeated:
+            raise ValueError(f"data.sources lists {repeated} more than once; give each file one entry (its weight "
+                             "sets its share)")
+        return self
+
+    def source_list(self) -> list[DataSource]:
+        """The sources as configured, each with its format resolved; `path` is one source of weight 1."""
+        if self.sources is None:
+            return [DataSource(path=str(self.path), format=self.format)]
+        return [source.model_copy(update={"format": source.format or self.format}) for source in self.sources]
+
+    def describe(self) -> str:
+        """The data in one line, for run notes and model cards: the path, or each source with its weight."""
+        if self.sources is None:
+            return str(self.path)
+        return " + ".join(f"{s.path} (weight {s.weight:g})" for s in self.sources)
 
 
 class ModelConfig(_Section):
@@ -200,6 +277,16 @@ class TrainingConfig(_Section):
         False, description="torch.compile the model (TrainingArguments.torch_compile). Off by default: on the "
                            "CPU it measured slower with 4-bit layers (bench/RESULTS.md); no GPU gain measured yet"
     )
+    init_adapter: str | None = Field(
+        None, description="start from this adapter's weights instead of a fresh LoRA: a peft adapter folder, "
+                          "models:/<name>@<alias> or models:/<name>/<version> (registry.tracking_uri); its rank, "
+                          "target modules and base must be lora.r, lora.target_modules and model.name_or_path"
+    )
+
+    @field_validator("init_adapter")
+    @classmethod
+    def _known_init_source(cls, value: str | None) -> str | None:
+        return None if value is None else check_adapter_source(value)
 
     @model_validator(mode="after")
     def _offload_needs_one_strategy(self) -> TrainingConfig:
@@ -323,12 +410,7 @@ class ServedModel(_Section):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        import re
-
-        if value.startswith("models:/") and not re.fullmatch(r"models:/[^/@]+(/\d+|@[\w-]+)/?", value):
-            raise ValueError(f"serving.models: '{value}' must look like models:/<name>@<alias> or "
-                             "models:/<name>/<version>")
-        return value.rstrip("/") if value.startswith("models:/") else value
+        return check_adapter_source(value)
 
     def served_name(self) -> str:
         if self.name:
@@ -516,8 +598,8 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             lines.append(f"  unknown key '{key}': remove it or check its spelling (see configs/schema.py)")
         elif error["type"] == "missing":
             lines.append(f"  missing key '{key}': it is required")
-        elif not key:  # a whole-config check (e.g. the sweep space): its message names the key
-            lines.append("  " + error["msg"].removeprefix("Value error, "))
+        elif not key or isinstance(error.get("input"), dict):  # a whole-config or whole-section check: its
+            lines.append("  " + error["msg"].removeprefix("Value error, "))  # message names the keys
         else:
             message = error["msg"].removeprefix("Value error, ")
             lines.append(f"  {key}: {message} (got {error.get('input')!r})")

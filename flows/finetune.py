@@ -88,7 +88,8 @@ def _file_digest(path: str) -> str:
 def validation_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """Same data bytes + same checks + same tokenizer = same verdict; hub datasets are never cached."""
     config: PipelineConfig = parameters["config"]
-    paths = [str(p) for p in (config.data.path, config.data.eval_path, config.data.chat_template) if p]
+    data = config.data
+    paths = [*(s.path for s in data.source_list()), *(str(p) for p in (data.eval_path, data.chat_template) if p)]
     if not all(is_local_path(p) and Path(p).is_file() for p in paths):
         return None
     parts = [_file_digest(p) for p in paths]

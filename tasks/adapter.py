@@ -8,7 +8,8 @@ contract, so training, evaluation, registration and serving read one definition 
 - writing it crash-safe: a staging folder swapped in with one rename;
 - its content hash, and the check that a folder is still what its training wrote;
 - reading it and checking it against a base model (peft type, target modules, weight shapes);
-- the one same-base rule (`same_base`): same id, same folder, or identical content.
+- the one same-base rule (`same_base`): same id, same folder, or identical content;
+- starting training from an existing adapter's weights (`InitAdapter`, `load_init_weights`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +265,77 @@ def _check_adapter_shapes(model: Any, weights: Path, adapter_dir: str | Path, op
         shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise ConfigError(f"{option} {adapter_dir} does not fit base {model.config.name_or_path} "
                           f"(different architecture?): {shown}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Starting from an existing adapter (training.init_adapter)
+
+INIT_OPTION = "training.init_adapter"
+
+
+@dataclass(frozen=True)
+class InitAdapter:
+    """The adapter a training run starts from, resolved to a local folder (`tasks.registry.resolve_init_adapter`).
+
+    `adapter_sha256` (`adapter_content_hash`) is what the setup hash and the lineage record: an alias
+    that moved to another version, or a folder whose files changed, is another starting point.
+    """
+
+    source: str  # as configured: a folder, or models:/<name>@<alias> / models:/<name>/<version>
+    path: Path  # the local folder holding its weights
+    version: str | None  # the registry version a models:/ URI resolved to; None for a folder
+    adapter_sha256: str
+    base: str  # the base it was trained on, as recorded (adapter_config.json, or the version's base_model tag)
+    same_base: bool  # that base is model.name_or_path (`same_base`, or `tasks.registry.recorded_base_fits`)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "path": str(self.path), "version": self.version,
+                "adapter_sha256": self.adapter_sha256, "base": self.base}
+
+
+def _lora_modules(keys: Any) -> set[str]:
+    """Leaf names of the modules that LoRA weights (peft state-dict keys) belong to: `q_proj`, ..."""
+    return {match.group(1) for key in keys if (match := re.search(r"\.([^.]+)\.lora_[AB]\.", key))}
+
+
+def load_init_weights(model: Any, init: InitAdapter, config: PipelineConfig) -> None:
+    """Put the init adapter's LoRA weights into the freshly built peft `model`, after checking they fit.
+
+    The LoRA is built from the config (`tasks.train.build_lora_model`), so rank, alpha, dropout and
+    targets are the config's; the adapter must have the same shape: its rank, the modules it targets
+    (compared as resolved module sets, so `all-linear` matches the explicit list peft stores) and its
+    base. Any difference is refused with a ConfigError naming each field; weights are loaded with peft
+    (`load_peft_weights`, `set_peft_model_state_dict`), never copied by hand.
+    """
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+    adapter_config = read_adapter_config(init.path, INIT_OPTION)
+    weights = load_peft_weights(str(init.path), device="cpu")
+    fresh = get_peft_model_state_dict(model)
+    problems = []
+    if adapter_config.get("r") != config.lora.r:
+        problems.append(f"rank: adapter {adapter_config.get('r')}, config {config.lora.r} (lora.r)")
+    theirs, ours = _lora_modules(weights), _lora_modules(fresh)
+    if theirs != ours:
+        problems.append(f"target modules: adapter {sorted(theirs)}, config {sorted(ours)} "
+                        f"(lora.target_modules={json.dumps(config.lora.target_modules)})")
+    if not init.same_base:
+        problems.append(f"base: adapter '{init.base}', config '{config.model.name_or_path}' (model.name_or_path)")
+    if not problems:
+        differing = sorted(key for key in set(weights) | set(fresh) if key not in weights or key not in fresh
+                           or tuple(weights[key].shape) != tuple(fresh[key].shape))
+        if differing:
+            problems.append(f"LoRA weights: {len(differing)} differ in name or shape, e.g. {differing[0]}")
+    if problems:
+        raise ConfigError(
+            f"{INIT_OPTION} {init.source}: the adapter does not fit the configured LoRA: {'; '.join(problems)}. "
+            f"Set these keys to the adapter's (its {ADAPTER_CONFIG} in {init.path}), or remove {INIT_OPTION} to "
+            "start from a fresh LoRA"
+        )
+    alpha = adapter_config.get("lora_alpha")
+    if alpha is not None and alpha != config.lora.alpha:
+        logger.warning("%s %s was trained with lora_alpha %s, the config has %s: its update starts scaled by %.3g",
+                       INIT_OPTION, init.source, alpha, config.lora.alpha, config.lora.alpha / alpha)
+    loaded = set_peft_model_state_dict(model, weights)
+    if loaded.unexpected_keys:  # cannot happen after the check above; peft would silently skip them
+        raise ConfigError(f"{INIT_OPTION} {init.source}: peft did not load {sorted(loaded.unexpected_keys)[:3]}")

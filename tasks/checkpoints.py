@@ -16,11 +16,14 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from configs.schema import PipelineConfig
 from tasks.data import DatasetSplits
 from tasks.gpu import TrainingPlan
+
+if TYPE_CHECKING:
+    from tasks.adapter import InitAdapter
 
 CHECKPOINT_DIRNAME = "checkpoints"
 INITIAL_EVAL_FILE = "initial_eval.json"
@@ -58,24 +61,37 @@ _BEST_STEP_KEYS = {"eval_steps", "early_stopping_patience", "best_metric", "keep
 _SPLIT_KEYS = {"per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing"}
 
 
-def training_setup_hash(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits) -> str:
+# Keys that joined the schema after checkpoints were first hashed: left out while unset, so the
+# checkpoints of a config that does not use them keep their hash (and resume).
+_LATER_DATA_KEYS = {"sources", "mix_seed", "mix_stopping"}
+
+
+def training_setup_hash(config: PipelineConfig, plan: TrainingPlan, splits: DatasetSplits,
+                        init: InitAdapter | None = None) -> str:
     """What a checkpoint's weights and optimizer state depend on: model, quantization, LoRA, data
     settings and content, training hyper-parameters, the best-step settings when evaluations pick one,
-    and the plan's effective batch (not its per-device split) and dtype."""
+    the plan's effective batch (not its per-device split) and dtype, and the adapter training starts
+    from (`init`, `training.init_adapter` resolved: its content hash, so a moved alias is another setup)."""
+    if config.training.init_adapter and init is None:
+        raise ValueError("training.init_adapter is set: pass the resolved InitAdapter (tasks.registry."
+                         "resolve_init_adapter) so the setup hash covers the adapter's content")
     best_step = _BEST_STEP_KEYS if not config.training.selects_best else set()
-    ignored = (_BOOKKEEPING_KEYS - _BEST_STEP_KEYS) | best_step | _SPLIT_KEYS
+    ignored = (_BOOKKEEPING_KEYS - _BEST_STEP_KEYS) | best_step | _SPLIT_KEYS | {"init_adapter"}
     training = {k: v for k, v in config.training.model_dump(mode="json").items() if k not in ignored}
+    data = config.data.model_dump(mode="json", exclude=_LATER_DATA_KEYS if config.data.sources is None else None)
     setup = {
         "model": config.model.model_dump(mode="json"),
         "quantization": config.quantization.model_dump(mode="json"),
         "lora": config.lora.model_dump(mode="json"),
-        "data": config.data.model_dump(mode="json"),
+        "data": data,
         "data_fingerprint": splits.fingerprint,
         "training": training,
         "plan": [plan.per_device_batch_size * plan.gradient_accumulation_steps, plan.compute_dtype, plan.load_in_4bit],
     }
     if plan.launches_ranks:  # only then, so single-process checkpoints keep their hash
         setup["ranks"] = [plan.world_size, plan.distributed, plan.offload]
+    if init is not None:
+        setup["init_adapter"] = init.adapter_sha256
     return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configs.schema import ConfigError, DataConfig, TrainOn
+from configs.schema import ConfigError, DataConfig, DataSource, TrainOn
 from tasks.chat import IGNORE_INDEX as IGNORE_INDEX  # re-exported: evaluation imports it from here
 from tasks.chat import EncodedConversation, encode_conversation, render
 
@@ -53,12 +53,33 @@ class Example:
 
 
 @dataclass
+class SourceStats:
+    """One data source as loaded: what the lineage records about it.
+
+    `fingerprint` is the source's own, the one `data.path: <path>` alone gives (and its contract
+    section reports); `mixed_rows` is how many rows of the mixed train set are this source's.
+    """
+
+    path: str
+    weight: float
+    format: str
+    fingerprint: str
+    train_rows: int
+    eval_rows: int
+    mixed_rows: int
+
+
+@dataclass
 class DatasetSplits:
     train: list[Example]
     eval: list[Example]
     format: str
     fingerprint: str
     sources: list[str] = field(default_factory=list)
+    mix: list[SourceStats] = field(default_factory=list)  # one per data source, in config order
+
+    def __post_init__(self) -> None:  # read back from JSON (a rank's spec file): dicts become SourceStats
+        self.mix = [SourceStats(**item) if isinstance(item, dict) else item for item in self.mix]
 
 
 def normalize_text(text: str) -> str:
@@ -71,7 +92,9 @@ def is_local_path(path: str) -> bool:
 
 def check_data_files(config: DataConfig) -> None:
     """Fail now on a data file that is not there, before a flow run or a schedule starts."""
-    for key, path in (("data.path", config.path), ("data.eval_path", config.eval_path)):
+    named = [("data.path", config.path)] if config.sources is None else [
+        (f"data.sources[{i}].path", source.path) for i, source in enumerate(config.sources)]
+    for key, path in (*named, ("data.eval_path", config.eval_path)):
         if path and is_local_path(path) and not Path(path).is_file():
             raise ConfigError(f"{key}: file {path} does not exist; point it at a .jsonl/.csv/.parquet file")
     if config.chat_template is not None and not Path(config.chat_template).is_file():
@@ -378,6 +401,9 @@ def cv_folds(splits: DatasetSplits, k: int) -> list[DatasetSplits]:
     is never on both sides and the folds are the same on every run."""
     if k < 2:
         raise DataError(f"cross-validation needs at least 2 folds, got {k}")
+    if len(splits.mix) > 1:
+        raise DataError("sweep.cv_folds re-splits one data set, but data.sources mixes several (a mixed train set "
+                        "may repeat rows): set sweep.cv_folds=1, or sweep on one source (data.path)")
     rows = splits.train + splits.eval
     folds = []
     for fold in range(k):
@@ -387,7 +413,7 @@ def cv_folds(splits: DatasetSplits, k: int) -> list[DatasetSplits]:
             raise DataError(f"cv fold {fold} of {k} is empty: too few rows ({len(rows)}) for {k} folds; lower "
                             "sweep.cv_folds")
         folds.append(DatasetSplits(kept, held_out, splits.format, fingerprint(kept + held_out, splits.format),
-                                   list(splits.sources)))
+                                   list(splits.sources), list(splits.mix)))
     return folds
 
 
@@ -407,13 +433,47 @@ def load_examples(path: str, fmt: str, hub_split: str = "train") -> tuple[list[E
 
 
 def load_splits(config: DataConfig) -> DatasetSplits:
-    """Train and eval examples as configured: a separate eval file, or a hash split of one file."""
-    examples, fmt = load_examples(config.path, config.format, config.hub_split)
-    sources = [config.path]
+    """Train and eval examples as configured: one source (`data.path`), or `data.sources` mixed by weight.
+
+    Each source is read and split on its own, exactly as `data.path: <source>` alone would be (a
+    separate eval file, or the stable hash split), so its fingerprint is that of the one-source load.
+    The eval rows of all sources are kept (the eval file once); the train rows are interleaved by
+    weight (`mix_train`). One source is the one-source load itself, unmixed.
+    """
+    sources = config.source_list()
+    parts = [_load_source(config, source) for source in sources]
+    for source, part in zip(sources, parts, strict=True):
+        part.mix = [SourceStats(source.path, source.weight, part.format, part.fingerprint, len(part.train),
+                                len(part.eval), len(part.train))]
+    if len(parts) == 1:
+        return parts[0]
+    for i, part in enumerate(parts):
+        if not part.train:
+            raise DataError(f"data.sources[{i}] ({sources[i].path}) has no train rows ({len(part.eval)} eval rows): "
+                            "add rows, lower data.eval_fraction, or remove the source")
+    train = mix_train([part.train for part in parts], [s.weight for s in sources], config.mix_seed,
+                      config.mix_stopping)
+    evaluation = parts[0].eval if config.eval_path else [e for part in parts for e in part.eval]
+    formats = list(dict.fromkeys(part.format for part in parts))
+    fmt = formats[0] if len(formats) == 1 else "+".join(formats)
+    mixed = {path: 0 for path in (s.path for s in sources)}
+    for example in train:
+        mixed[example.source] += 1
+    stats = [stat for part in parts for stat in part.mix]
+    for stat in stats:
+        stat.mixed_rows = mixed[stat.path]
+    paths = list(dict.fromkeys(path for part in parts for path in part.sources))
+    return DatasetSplits(train, evaluation, fmt, fingerprint(train + evaluation, fmt), paths, stats)
+
+
+def _load_source(config: DataConfig, source: DataSource) -> DatasetSplits:
+    """One source's train and eval examples: a separate eval file, or a hash split of its rows."""
+    examples, fmt = load_examples(source.path, source.format or config.format, config.hub_split)
+    sources = [source.path]
     if config.eval_path:
-        eval_examples, eval_fmt = load_examples(config.eval_path, config.format, config.hub_split)
+        eval_examples, eval_fmt = load_examples(config.eval_path, source.format or config.format, config.hub_split)
         if eval_fmt != fmt:
-            raise DataError(f"data.eval_path is in format '{eval_fmt}' but data.path is '{fmt}'; use one format")
+            raise DataError(f"data.eval_path is in format '{eval_fmt}' but {source.path} is '{fmt}'; use one format")
         train_examples = examples
         sources.append(config.eval_path)
     else:
@@ -421,6 +481,20 @@ def load_splits(config: DataConfig) -> DatasetSplits:
         eval_examples = [e for e in examples if in_eval_split(e, config.eval_fraction)]
     digest = fingerprint(train_examples + eval_examples, fmt)
     return DatasetSplits(train_examples, eval_examples, fmt, digest, sources)
+
+
+def mix_train(parts: list[list[Example]], weights: list[float], seed: int, stopping: str) -> list[Example]:
+    """The train rows of several sources interleaved by weight: `datasets.interleave_datasets` over
+    (source, row) index tables, with the weights normalised to probabilities. Same seed, same order."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    tables = [datasets.Dataset.from_dict({"part": [i] * len(part), "row": list(range(len(part)))})
+              for i, part in enumerate(parts)]
+    total = sum(weights)
+    mixed = datasets.interleave_datasets(tables, probabilities=[w / total for w in weights], seed=seed,
+                                         stopping_strategy=stopping).to_dict()
+    return [parts[part][row] for part, row in zip(mixed["part"], mixed["row"], strict=True)]
 
 
 def render_prompt(tokenizer: Any, prompt_messages: tuple[dict[str, str], ...] | list[dict[str, str]]) -> str:

@@ -203,14 +203,15 @@ def launch_training(config: PipelineConfig, plan: TrainingPlan, splits: DatasetS
     history is copied into each given callback's `history` afterwards, as if it had run here.
     """
     from tasks.checkpoints import CHECKPOINT_DIRNAME, checkpoint_to_resume, training_setup_hash
+    from tasks.registry import resolve_init_adapter
     from tasks.train import TrainResult, TrainSummary
 
     tracker = next((cb.tracker for cb in callbacks or [] if getattr(cb, "tracker", None) is not None), None)
     system_metrics = next((cb.system_metrics for cb in callbacks or [] if hasattr(cb, "system_metrics")), None)
     output_dir = Path(config.training.output_dir)
     # Clear or move aside what must not be resumed before any rank starts, so that the ranks only read.
-    checkpoint_to_resume(output_dir / CHECKPOINT_DIRNAME, training_setup_hash(config, plan, splits),
-                         config.training.resume)
+    setup_hash = training_setup_hash(config, plan, splits, resolve_init_adapter(config))
+    checkpoint_to_resume(output_dir / CHECKPOINT_DIRNAME, setup_hash, config.training.resume)
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in output_dir.glob(".distributed-*"):  # a killed launch's folder; the lock says none is live
         shutil.rmtree(stale, ignore_errors=True)

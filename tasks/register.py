@@ -172,6 +172,22 @@ def training_outcome_tags(summary: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+def training_input_tags(summary: dict[str, Any]) -> dict[str, str]:
+    """What training started from and read, from the adapter's train_summary.json: each data source with
+    its own fingerprint (`dataset_sources`, a JSON list) and the adapter it started from (`init_adapter`:
+    the source as configured, the registry version it resolved to, its content hash)."""
+    tags = {}
+    sources = summary.get("data_sources") or []
+    if sources:
+        tags["dataset_sources"] = json.dumps(sources, sort_keys=True)
+    init = summary.get("init_adapter")
+    if init:
+        tags["init_adapter"] = str(init.get("source"))
+        tags["init_adapter.version"] = str(init.get("version") or "none (a folder)")
+        tags["init_adapter.sha256"] = str(init.get("adapter_sha256"))
+    return tags
+
+
 def lineage_tags(config: PipelineConfig, adapter_dir: Path, eval_report: EvalReport,
                  validation: ValidationResult | None, plan: TrainingPlan | None, reference: dict[str, Any],
                  decision: PromotionDecision, run_id: str) -> dict[str, str]:
@@ -180,7 +196,7 @@ def lineage_tags(config: PipelineConfig, adapter_dir: Path, eval_report: EvalRep
         "base_model": base_label(reference),
         "base_model_reference": json.dumps(reference, sort_keys=True),
         "dataset_fingerprint": dataset_fingerprint(validation, eval_report),
-        "dataset_path": config.data.path,
+        "dataset_path": config.data.path or ", ".join(source.path for source in config.data.source_list()),
         "validation_success": "unknown" if validation is None else str(bool(validation.success)).lower(),
         "gpu_plan": plan_summary(plan, adapter_dir),
         "git_commit": commit,
@@ -199,7 +215,9 @@ def lineage_tags(config: PipelineConfig, adapter_dir: Path, eval_report: EvalRep
     if eval_report.canaries:
         tags["eval.canaries"] = eval_report.canaries["path"]
         tags["eval.canaries_failed"] = eval_report.canaries["failed"]
-    tags.update(training_outcome_tags(read_train_summary(adapter_dir)))
+    summary = read_train_summary(adapter_dir)
+    tags.update(training_outcome_tags(summary))
+    tags.update(training_input_tags(summary))
     tags.update({f"lib.{name}": version for name, version in library_versions().items()})
     for system, scores in eval_report.systems.items():
         for metric, value in (scores or {}).items():
@@ -244,8 +262,9 @@ def model_card(config: PipelineConfig, reference: dict[str, Any], tags: dict[str
     return (
         f"### QLoRA adapter for `{tags['base_model'].split('@')[0]}`\n\n"
         f"- **Base:** `{tags['base_model']}` (not copied; loaded from this reference at load time)\n"
-        f"- **Data:** `{config.data.path}` ({config.data.format}), fingerprint `{tags['dataset_fingerprint']}`, "
+        f"- **Data:** {_data_line(config)}, fingerprint `{tags['dataset_fingerprint']}`, "
         f"validation passed: {tags['validation_success']}\n"
+        f"{_init_line(summary)}"
         f"- **LoRA:** {tags['lora']}; base in "
         f"{'4-bit ' + str(quant.get('quant_type')) if quant.get('load_in_4bit') else '16-bit'}"
         f"{' + double quant' if quant.get('load_in_4bit') and quant.get('double_quant') else ''}\n"
@@ -258,6 +277,24 @@ def model_card(config: PipelineConfig, reference: dict[str, Any], tags: dict[str
         f"Load: `mlflow.pyfunc.load_model(\"models:/{registry.model_name}@{registry.champion_alias}\")"
         ".predict([\"prompt\"])`\n"
     )
+
+
+def _data_line(config: PipelineConfig) -> str:
+    """The model card's data: the file and its format, or each source with its weight."""
+    sources = config.data.source_list()
+    if config.data.sources is None:
+        return f"`{sources[0].path}` ({sources[0].format})"
+    return "mixed from " + " + ".join(f"`{s.path}` ({s.format}, weight {s.weight:g})" for s in sources)
+
+
+def _init_line(summary: dict[str, Any]) -> str:
+    """The model card's starting point when training continued an existing adapter."""
+    init = summary.get("init_adapter")
+    if not init:
+        return ""
+    version = f" (version {init['version']})" if init.get("version") else ""
+    digest = str(init.get("adapter_sha256"))[:16]
+    return f"- **Started from:** `{init.get('source')}`{version}, adapter sha256 `{digest}`\n"
 
 
 def _checks_markdown(eval_report: dict[str, Any], systems: dict[str, Any]) -> str:

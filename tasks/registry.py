@@ -9,6 +9,7 @@ already holds them passes them on instead of resolving them again.
 - a version's pyfunc model: the adapter, a reference to its base, and the code that loads it;
 - the adapter to compare a new one against: the champion's (only when it was trained on the config's
   base) or a version named in the config, downloaded once and renamed into place;
+- the adapter a training run starts from (`training.init_adapter`), resolved the same way;
 - loading a registered version as a pyfunc model.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -28,8 +28,17 @@ import yaml
 
 import configs
 import tasks
-from configs.schema import ConfigError, PipelineConfig, RegistryConfig
-from tasks.adapter import ADAPTER_CONFIG, AdapterFilesMissing, is_adapter_dir, same_base
+from configs.schema import MODEL_URI, ConfigError, PipelineConfig, RegistryConfig
+from tasks.adapter import (
+    ADAPTER_CONFIG,
+    INIT_OPTION,
+    AdapterFilesMissing,
+    InitAdapter,
+    adapter_content_hash,
+    is_adapter_dir,
+    read_adapter_config,
+    same_base,
+)
 from tasks.tracking import (
     TrackingServerUnreachable,
     apply_http_settings,
@@ -298,24 +307,55 @@ def champion_adapter_for(config: PipelineConfig, uri: str | None = None, client:
     source = config.evaluation.champion_adapter
     if not source:
         return resolve_champion_adapter(config, uri, client)
+    return resolve_adapter_source(config, source, "evaluation.champion_adapter", uri, client)[0]
+
+
+def resolve_adapter_source(config: PipelineConfig, source: str, key: str, uri: str | None = None,
+                           client: Any = None) -> tuple[Path, Any]:
+    """(local adapter folder, registry version or None) of an adapter named by config key `key`: a peft
+    adapter folder as it is, or a `models:/<name>/<version>` / `models:/<name>@<alias>` URI resolved in
+    the config's registry and downloaded once (`download_adapter`)."""
     if not source.startswith("models:/"):
         path = Path(source)
         if not is_adapter_dir(path):
-            raise AdapterFilesMissing(f"evaluation.champion_adapter={source}: no {ADAPTER_CONFIG} there; "
-                                      "point it at a peft adapter folder or a models:/<name>/<version> URI")
-        return path
-    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))/?", source)
+            raise AdapterFilesMissing(f"{key}={source}: no {ADAPTER_CONFIG} there; point it at a peft adapter "
+                                      "folder or a models:/<name>/<version> URI")
+        return path, None
+    match = MODEL_URI.fullmatch(source)
     if not match:
-        raise ConfigError(f"evaluation.champion_adapter={source}: expected models:/<name>/<version> or "
-                          "models:/<name>@<alias>")
+        raise ConfigError(f"{key}={source}: expected models:/<name>/<version> or models:/<name>@<alias>")
     name, version, alias = match.groups()
     uri, client = connect(config, uri, client)
     if alias:
         version = alias_version(client, name, alias)
         if version is None:
-            raise ConfigError(f"evaluation.champion_adapter={source}: no version of {name} holds alias "
-                              f"'{alias}' in {uri}")
-    return download_adapter(config, name, version, uri=uri)
+            raise ConfigError(f"{key}={source}: no version of {name} holds alias '{alias}' in {uri}")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        entity = client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ConfigError(f"{key}={source}: {name} has no version {version} in {uri}") from exc
+    return download_adapter(config, name, version, uri=uri), entity
+
+
+def resolve_init_adapter(config: PipelineConfig) -> InitAdapter | None:
+    """`training.init_adapter` resolved to a local folder with its content hash and recorded base, or None.
+
+    The base is judged by the one rule: a folder's `adapter_config.json` base by `same_base`, a
+    registered version's recorded base reference by `recorded_base_fits` (its content hash).
+    """
+    source = config.training.init_adapter
+    if not source:
+        return None
+    path, version = resolve_adapter_source(config, source, INIT_OPTION)
+    if version is not None:
+        base, fits = version.tags.get("base_model", ""), recorded_base_fits(version.tags, config)
+    else:
+        base = str(read_adapter_config(path, INIT_OPTION).get("base_model_name_or_path") or "")
+        fits = not base or same_base(base, config.model.name_or_path)
+    return InitAdapter(source=source, path=path.resolve(), version=None if version is None else str(version.version),
+                       adapter_sha256=adapter_content_hash(path), base=base, same_base=fits)
 
 
 def load_registered_model(config: PipelineConfig, model_uri: str | None = None,

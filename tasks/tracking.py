@@ -239,7 +239,7 @@ def _numbers(prefix: str, values: dict[str, Any]) -> dict[str, float]:
 
 
 def _run_note(config: PipelineConfig) -> str:
-    return (f"QLoRA fine-tuning of `{config.model.name_or_path}` on `{config.data.path}`; "
+    return (f"QLoRA fine-tuning of `{config.model.name_or_path}` on `{config.data.describe()}`; "
             f"registers into `{config.registry.model_name}`.")
 
 
@@ -380,6 +380,9 @@ class PipelineTracker:
         summary = result.to_dict()
         self.set_tags({"validation_success": str(bool(result.success)).lower()})
         self.log_metrics(_numbers("validation", {k: v for k, v in summary.items() if not isinstance(v, (list, tuple))}))
+        for number, section in enumerate(result.sections):  # data.sources: each source's verdict and counts
+            self.log_metrics(_numbers(f"validation.source_{number}", {"success": section.success,
+                                                                      "row_counts": section.row_counts}))
         self.client.log_dict(self.run_id, summary, "validation/summary.json")
         self.client.log_text(self.run_id, result.markdown(), "validation/summary.md")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import BEST_METRICS_GREATER_IS_BETTER, PipelineConfig
-from tasks.adapter import adapter_dir_for, write_adapter
+from tasks.adapter import InitAdapter, adapter_dir_for, load_init_weights, write_adapter
 from tasks.checkpoints import (
     CHECKPOINT_DIRNAME,
     INITIAL_EVAL_FILE,
@@ -47,6 +47,7 @@ from tasks.modeling import (
     release_memory,
 )
 from tasks.oom import give_up_message
+from tasks.registry import resolve_init_adapter
 from tasks.run_lock import hold_output_dir
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class TrainSummary:
     stop_reason: str = ""  # why training ended, in words
     evaluations: list[dict[str, float]] = field(default_factory=list)  # {step, <metric>} of each evaluation
     replans: list[dict[str, Any]] = field(default_factory=list)  # out-of-memory re-plans (tasks.oom.plan_change)
+    init_adapter: dict[str, Any] | None = None  # the adapter training started from (InitAdapter.to_dict), if any
+    data_sources: list[dict[str, Any]] = field(default_factory=list)  # each source's stats (tasks.data.SourceStats)
 
 
 @dataclass
@@ -108,7 +111,9 @@ def prepare_for_kbit_training(model: Any, plan: TrainingPlan) -> Any:
     return model
 
 
-def build_lora_model(model: Any, config: PipelineConfig, plan: TrainingPlan) -> Any:
+def build_lora_model(model: Any, config: PipelineConfig, plan: TrainingPlan, init: InitAdapter | None = None) -> Any:
+    """The base wrapped in the configured LoRA; with `init` (training.init_adapter) its weights are the
+    init adapter's instead of a fresh LoRA's (`tasks.adapter.load_init_weights` checks they fit)."""
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(config, model)
@@ -122,7 +127,10 @@ def build_lora_model(model: Any, config: PipelineConfig, plan: TrainingPlan) -> 
         bias=config.lora.bias,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if init is not None:
+        load_init_weights(model, init, config)
+    return model
 
 
 def tokenized_dataset(tokenizer: Any, examples: list, max_seq_length: int, train_on: str = "all_assistant") -> Any:
@@ -331,16 +339,17 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
     started = progress.started
     torch.manual_seed(config.training.seed)
     tokenizer = load_tokenizer(config)
+    init = resolve_init_adapter(config)
     base = load_base_model(config, plan)
     if config.training.packing:
         base.set_attn_implementation(packing_attention(plan))
-    model = build_lora_model(base, config, plan)
+    model = build_lora_model(base, config, plan, init)
     del base
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     output_dir = Path(config.training.output_dir)
     checkpoint_dir = output_dir / CHECKPOINT_DIRNAME
-    setup_hash = training_setup_hash(config, plan, splits)
+    setup_hash = training_setup_hash(config, plan, splits, init)
     # In a rank, the launcher already cleared what must not be resumed: the ranks only read.
     resume_from = checkpoint_to_resume(checkpoint_dir, setup_hash, config.training.resume or in_launched_rank())
     resumed_step = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
@@ -404,6 +413,8 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
         plan=plan.to_dict(),
         resumed_from_run=first_resume_run,
         replans=list(progress.replans),
+        init_adapter=init.to_dict() if init else None,
+        data_sources=[asdict(stats) for stats in splits.mix],
         **selection,
     )
     if selection["adapter_step"] != summary.global_step:

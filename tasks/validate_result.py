@@ -29,7 +29,13 @@ class DataValidationError(DataError):
 
 @dataclass
 class ValidationResult(JsonDataclass):
-    """The suite's verdict: machine-readable (`to_dict`, read back by `from_json`) and for people (`markdown`)."""
+    """The suite's verdict: machine-readable (`to_dict`, read back by `from_json`) and for people (`markdown`).
+
+    With `data.sources` the suite runs once per source: `sections` holds each source's own result
+    (with its `weight`, and `row_counts["mixed"]`, its rows in the mixed train set), and the result
+    itself is the mix's: its fingerprint and row counts as training loads it, passed when every
+    source passed.
+    """
 
     READ_ERROR = DataError
     WRITTEN_BY = "qlora validate --json > FILE"
@@ -43,9 +49,18 @@ class ValidationResult(JsonDataclass):
     data_docs: str | None = None
     duration_s: float = 0.0
     gx_version: str = ""
+    weight: float | None = None  # a section's: its source's weight in data.sources
+    sections: list[ValidationResult] = field(default_factory=list)  # one per data.sources entry
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ValidationResult:
+        sections = [cls.from_dict(section) for section in data.get("sections") or []]
+        return cls(**{**data, "sections": sections})
 
     def failed_names(self) -> list[str]:
-        return [e["name"] for e in self.expectations if not e["success"]]
+        """Failed checks; a source's are named `<source path>: <check>`."""
+        own = [e["name"] for e in self.expectations if not e["success"]]
+        return own + [f"{section.sources[0]}: {name}" for section in self.sections for name in section.failed_names()]
 
     def expectation(self, name: str) -> dict[str, Any]:
         for item in self.expectations:
@@ -57,6 +72,8 @@ class ValidationResult(JsonDataclass):
         return json_safe(asdict(self))
 
     def markdown(self) -> str:
+        if self.sections:
+            return self._mixed_markdown()
         failed = self.failed_names()
         verdict = "passed" if self.success else f"FAILED ({len(failed)} of {len(self.expectations)} checks)"
         counts = f"{self.row_counts.get('rows', 0)} (train {self.row_counts.get('train', 0)}, " \
@@ -67,16 +84,51 @@ class ValidationResult(JsonDataclass):
             f"data: {', '.join(f'`{s}`' for s in self.sources)} · format `{self.format}` · rows: {counts} · "
             f"fingerprint `{self.fingerprint}`",
             "",
-            "| check | result | observed | expected | examples |",
-            "|---|---|---|---|---|",
+            *self._table(),
         ]
+        if self.data_docs:
+            lines += ["", f"Great Expectations Data Docs: {self.data_docs}"]
+        return "\n".join(lines)
+
+    def _table(self) -> list[str]:
+        lines = ["| check | result | observed | expected | examples |", "|---|---|---|---|---|"]
         for item in self.expectations:
             examples = "; ".join(_example_text(example) for example in item["examples"])
             cells = [f"`{item['name']}`", "pass" if item["success"] else "**FAIL**", item["observed"],
                      item["expected"], examples]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-        if self.data_docs:
-            lines += ["", f"Great Expectations Data Docs: {self.data_docs}"]
+        return lines
+
+    def _mixed_markdown(self) -> str:
+        """The mix in one line, then each source's section: its verdict, counts, fingerprint and checks."""
+        failing = [section.sources[0] for section in self.sections if not section.success]
+        verdict = "passed" if self.success else \
+            f"FAILED ({len(failing)} of {len(self.sections)} sources: {', '.join(f'`{s}`' for s in failing)})"
+        shares = ", ".join(f"`{part.sources[0]}` {part.row_counts.get('mixed', '?')}" for part in self.sections)
+        lines = [
+            f"### Data contract {verdict}",
+            "",
+            f"{len(self.sections)} sources mixed by weight · format `{self.format}` · train rows "
+            f"{self.row_counts.get('train', 0)} ({shares}), eval rows {self.row_counts.get('eval', 0)} · "
+            f"fingerprint `{self.fingerprint}`",
+        ]
+        for number, section in enumerate(self.sections, start=1):
+            failed = section.failed_names()
+            result = "passed" if section.success else f"FAILED ({len(failed)} of {len(section.expectations)} checks)"
+            lines += [
+                "",
+                f"#### Source {number} of {len(self.sections)}: `{section.sources[0]}` (weight {section.weight:g}) "
+                f"{result}",
+                "",
+                f"data: {', '.join(f'`{s}`' for s in section.sources)} · format `{section.format}` · rows: "
+                f"{section.row_counts.get('rows', 0)} (train {section.row_counts.get('train', 0)}, eval "
+                f"{section.row_counts.get('eval', 0)}) · fingerprint `{section.fingerprint}`",
+                "",
+                *section._table(),
+            ]
+        docs = next((section.data_docs for section in self.sections if section.data_docs), None)
+        if docs:
+            lines += ["", f"Great Expectations Data Docs: {docs}"]
         return "\n".join(lines)
 
 

@@ -65,7 +65,8 @@ def read_records(path: str, hub_split: str) -> list[Record]:
     file or an unknown hub id is a ConfigError and propagates: that is not a data problem.
     """
     if is_local_path(path) and not Path(path).exists():
-        raise ConfigError(f"data file {path} does not exist; point data.path (or DATA_PATH) at a data file")
+        raise ConfigError(f"data file {path} does not exist; point data.path or data.sources (or DATA_PATH) at a "
+                          "data file")
     if is_local_path(path) and Path(path).suffix not in LOCAL_SUFFIXES:
         raise ConfigError(f"unsupported data file type '{Path(path).suffix}'; use one of {sorted(LOCAL_SUFFIXES)}")
     if is_json_file(path):

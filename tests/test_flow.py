@@ -117,3 +117,61 @@ def test_prefect_yaml_deployment_is_valid() -> None:
     for schedule in deployment["schedules"]:
         CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
     assert deployment["work_pool"]["name"] == "qlora-pool"
+
+
+def test_nightly_flow_mixes_sources_and_continues_the_champion(prefect_server, trained, mlflow_store_template,
+                                                               demo_assets, tmp_path):
+    """`qlora run`'s flow on a nightly config: tonight's rows plus a replay, starting from the champion."""
+    import json
+    import shutil
+
+    import mlflow
+
+    from configs.schema import load_config
+    from flows.finetune import finetune_flow
+    from tasks.data import load_splits
+    from tasks.register import register_adapter
+    from tests.conftest import typed_eval_report
+
+    shutil.copyfile(mlflow_store_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config, _, _, source = trained
+    champion_config = config.with_overrides({"registry.tracking_uri": uri, "registry.log_input_example": False})
+    register_adapter(champion_config, source.adapter_dir, typed_eval_report())  # version 1, the champion
+
+    lines = demo_assets.data_path.read_text().splitlines()
+    new, old = tmp_path / "new.jsonl", tmp_path / "old.jsonl"
+    new.write_text("\n".join(lines[2000:]) + "\n")
+    old.write_text("\n".join(lines[:2000]) + "\n")
+    nightly = ["data.path=null", f"data.sources=[{{path: {new}, weight: 3}}, {{path: {old}, weight: 1}}]",
+               "data.validation.min_train_rows=100", "data.validation.min_eval_rows=10",
+               "training.init_adapter=models:/demo-qlora-adapter@champion", "training.max_steps=4",
+               "training.save_steps=2", "evaluation.max_rows=16", "registry.log_input_example=false"]
+    overrides = demo_overrides(demo_assets, tmp_path, *nightly)
+    state = finetune_flow(config_path=str(DEMO_CONFIG), overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    assert outcome.version == "2"
+
+    # it started where the champion ended, not from the base: its eval loss before training is the champion's
+    summary = json.loads((Path(outcome.adapter_dir) / "train_summary.json").read_text())
+    assert summary["eval_loss_before"] == pytest.approx(source.summary.eval_loss_after, rel=0.05)
+    assert summary["eval_loss_before"] < 0.6 * source.summary.eval_loss_before
+
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    champion, tags = (client.get_model_version("demo-qlora-adapter", v).tags for v in ("1", "2"))
+    assert tags["init_adapter"] == "models:/demo-qlora-adapter@champion"
+    assert (tags["init_adapter.version"], tags["init_adapter.sha256"]) == ("1", champion["adapter_sha256"])
+    mixed = load_config(DEMO_CONFIG, overrides)
+    assert tags["dataset_fingerprint"] == load_splits(mixed.data).fingerprint
+    recorded = json.loads(tags["dataset_sources"])
+    assert [(s["path"], s["weight"]) for s in recorded] == [(str(new), 3.0), (str(old), 1.0)]
+    alone = [load_splits(mixed.data.model_copy(update={"path": str(p), "sources": None})) for p in (new, old)]
+    assert [s["fingerprint"] for s in recorded] == [splits.fingerprint for splits in alone]
+    assert "Started from:** `models:/demo-qlora-adapter@champion` (version 1)" in \
+        client.get_model_version("demo-qlora-adapter", "2").description
+
+    # the contract's report in the run has a section per source
+    local = client.download_artifacts(outcome.run_id, "validation/summary.json", str(tmp_path / "dl"))
+    validation = json.loads(Path(local).read_text())
+    assert validation["success"] and [s["sources"] for s in validation["sections"]] == [[str(new)], [str(old)]]
