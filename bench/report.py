@@ -19,6 +19,7 @@ SECTION_TITLES = {
     "evaluation": "4. Evaluation: batched generation vs one prompt at a time",
     "orchestration": "5. Orchestration overhead of the demo flow",
     "gpu": "6. GPU (H200): QLoRA vs bf16 LoRA on a 1B-class Llama",
+    "warm_start": "7. Incremental training: warm start from the champion vs a fresh LoRA",
 }
 
 
@@ -73,6 +74,14 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         share = flow["overhead_share"]
         add("orchestration", "flow overhead ÷ stage compute (server running, store exists)",
             {"median": share, "min": share, "max": share}, flow["target"], False, "%")
+    warm = results.get("warm_start", {})
+    if "curves" in warm:
+        reached, steps = warm["steps_to_champion_bleu"], warm["setup"]["steps"]
+        fresh = reached["fresh"] if reached["fresh"] is not None else f"not within {steps}"
+        ok = reached["warm"] is not None and (reached["fresh"] is None or reached["warm"] < reached["fresh"])
+        rows.append({"section": "warm_start", "figure": f"steps to the champion's BLEU ({warm['champion_bleu']:.1f}), "
+                     "warm start vs fresh LoRA", "value": f"{reached['warm']} vs {fresh}",
+                     "target": "warm < fresh", "verdict": "PASS" if ok else "MISS"})
     return rows
 
 
@@ -266,9 +275,35 @@ def gpu_md(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def warm_start_md(r: dict[str, Any]) -> str:
+    s, curves = r["setup"], r["curves"]
+    steps = [int(p["step"]) for p in curves["fresh"]]
+    by_step = {name: {int(p["step"]): p["bleu"] for p in points} for name, points in curves.items()}
+    reached = r["steps_to_champion_bleu"]
+    return "\n".join([
+        f"The champion: the demo config trained {s['champion_steps']} steps on yesterday's rows (the demo data "
+        f"without its last {s['tonight_rows']} rows). Tonight: `data.sources` = tonight's {s['tonight_rows']} rows "
+        f"and a replay of yesterday's, weights {s['weights_tonight_replay'][0]:g}:{s['weights_tonight_replay'][1]:g} "
+        f"({s['train_rows_in_mix']} train rows in the mix), {s['steps']} steps at learning rate "
+        f"{s['learning_rate']:g}, once from a fresh LoRA and once with `training.init_adapter` = the champion. "
+        f"BLEU on the same {s['eval_rows']} eval rows every {s['score_every']} steps (step 0: before training).",
+        "",
+        "| step | " + " | ".join(str(step) for step in steps) + " |",
+        "|---|" + "---:|" * len(steps),
+        *(f"| {name} | " + " | ".join(f"{by_step[name].get(step, float('nan')):.1f}" for step in steps) + " |"
+          for name in ("fresh", "warm")),
+        "",
+        f"- the champion's BLEU on these rows: {r['champion_bleu']:.1f}",
+        f"- first scored step at or above it: warm start {reached['warm']}, fresh "
+        f"{reached['fresh'] if reached['fresh'] is not None else 'not reached'}",
+        f"- wall time (s): champion {r['wall_s']['champion']:.0f}, fresh {r['wall_s']['fresh']:.0f}, "
+        f"warm {r['wall_s']['warm']:.0f} (BLEU scoring included)",
+    ])
+
+
 RENDERERS = {"training": training_md, "training_step": training_step_md, "compile": compile_md,
              "packing": packing_md, "memory": memory_md, "evaluation": evaluation_md,
-             "orchestration": orchestration_md, "gpu": gpu_md}
+             "orchestration": orchestration_md, "gpu": gpu_md, "warm_start": warm_start_md}
 
 
 def render(results: dict[str, Any]) -> str:
@@ -304,7 +339,11 @@ def render(results: dict[str, Any]) -> str:
                    f"| **{row['verdict']}** |")
     for key, title in SECTION_TITLES.items():
         section = results.get(key, {"skipped": "not in this run"})
-        out += ["", f"## {title}", "", _skipped(section) or RENDERERS[key](section)]
+        measured = section.get("measured", {})
+        stamp = (f"*Measured {measured['date']}" + (f", load average {measured['loadavg_start']} at start"
+                                                     if measured.get("loadavg_start") else "") + ".*")
+        out += ["", f"## {title}", "", _skipped(section) or (stamp + "\n\n" if measured.get("date") else "")
+                + RENDERERS[key](section)]
     if NOTES_FILE.exists():
         out += ["", NOTES_FILE.read_text().strip()]
     return "\n".join(out) + "\n"

@@ -13,6 +13,7 @@ output folder, becomes section 6.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shlex
@@ -28,7 +29,7 @@ from typing import Any
 from bench.common import REPO_ROOT, loadavg, machine_info
 
 DEFAULT_OUT = REPO_ROOT / "bench"
-SECTIONS = ("training", "training_step", "compile", "packing", "memory", "evaluation", "orchestration")
+SECTIONS = ("training", "training_step", "compile", "packing", "memory", "evaluation", "orchestration", "warm_start")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Sizes:
     compile_steps: int | None  # None: skip (compiling takes minutes even for a tiny model)
     compile_warmup: int
     compile_repeats: int
+    warm_start: tuple[int, int, int, int, int] | None  # champion steps, steps, score every, eval rows, tonight's rows
     pack_rows: int
     pack_max_words: int
     pack_steps: int
@@ -63,13 +65,13 @@ class Sizes:
 
 FULL = Sizes(train_steps=60, train_warmup=10, train_repeats=3,
              step_model="llama-step", step_train_steps=16, step_train_warmup=4, step_train_repeats=3,
-             compile_steps=40, compile_warmup=20, compile_repeats=1,
+             compile_steps=40, compile_warmup=20, compile_repeats=1, warm_start=(400, 200, 25, 64, 1000),
              pack_rows=1200, pack_max_words=85, pack_steps=20, pack_warmup=4, pack_repeats=3, pack_eval_rows=32,
              weights_shape="llama-1b", step_shape="llama-mid", step_batch=1, step_seq=64, step_repeats=2,
              eval_rows=64, eval_repeats=3, flow_overrides=())
 QUICK = Sizes(train_steps=3, train_warmup=1, train_repeats=1,
               step_model="llama-tiny", step_train_steps=3, step_train_warmup=1, step_train_repeats=1,
-              compile_steps=None, compile_warmup=1, compile_repeats=1,
+              compile_steps=None, compile_warmup=1, compile_repeats=1, warm_start=(3, 2, 1, 4, 1000),
               pack_rows=200, pack_max_words=20, pack_steps=3, pack_warmup=1, pack_repeats=1, pack_eval_rows=8,
               weights_shape="llama-tiny", step_shape="llama-tiny", step_batch=1, step_seq=16, step_repeats=1,
               eval_rows=4, eval_repeats=1, flow_overrides=None)
@@ -81,6 +83,7 @@ def run_sections(sections: list[str], sizes: Sizes, work: Path, threads: int) ->
     from bench.memory import memory_benchmark
     from bench.orchestration import orchestration_benchmark
     from bench.training import compile_benchmark, packing_benchmark, representative_model, training_throughput
+    from bench.warm_start import warm_start_benchmark
     from tasks.demo_assets import build_demo_assets
     from tasks.modeling import quiet_libraries
 
@@ -101,6 +104,8 @@ def run_sections(sections: list[str], sizes: Sizes, work: Path, threads: int) ->
         "memory": lambda: memory_benchmark(work / "memory", s.weights_shape, s.step_shape, s.step_batch, s.step_seq,
                                            1, s.step_repeats, threads),
         "evaluation": lambda: generation_benchmark(assets, work / "evaluation", s.eval_rows, s.eval_repeats),
+        "warm_start": lambda: warm_start_benchmark(assets, work / "warm_start", *(s.warm_start or ()),
+                                                   new_weight=3.0, old_weight=1.0),
         "orchestration": lambda: orchestration_benchmark(assets.data_path, assets.model_dir, work / "orchestration",
                                                          list(s.flow_overrides or ()), threads),
     }
@@ -118,12 +123,15 @@ def run_sections(sections: list[str], sizes: Sizes, work: Path, threads: int) ->
             continue
         print(f"[{name}] starting (load average {loadavg()})", flush=True)
         started = time.perf_counter()
+        measured = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "loadavg_start": loadavg()}
         try:
             results[name] = jobs[name]()
         except Exception as exc:  # keep the other benchmarks; the error goes into the report
             traceback.print_exc()
             results[name] = {"error": f"{exc.__class__.__name__}: {str(exc)[-800:]}"}
         results[name]["section_wall_s"] = time.perf_counter() - started
+        results[name]["measured"] = {**measured, "loadavg_end": loadavg()}
         print(f"[{name}] done in {results[name]['section_wall_s']:.0f} s", flush=True)
     return results
 
@@ -147,6 +155,23 @@ def write(out: Path, results: dict[str, Any]) -> None:
     print(f"wrote {out / 'RESULTS.md'} and {out / 'results.json'}")
     for row in results["summary"]:
         print(f"  {row['verdict']:4}  {row['figure']}: {row['value']} (target {row['target']})")
+
+
+def keep_previous(out: Path, sections: list[str]) -> dict[str, Any]:
+    """The sections of OUT/results.json this run does not measure (`--sections` subset), kept as they were
+    measured: each carries its own date and load (`measured`), which RESULTS.md prints under its heading."""
+    previous = out / "results.json"
+    if not previous.exists():
+        return {}
+    old = json.loads(previous.read_text())
+    date = old.get("machine", {}).get("date")
+    kept = {}
+    for name in SECTIONS:
+        section = old.get(name)
+        if name in sections or not isinstance(section, dict) or "skipped" in section:
+            continue
+        kept[name] = {**section, "measured": section.get("measured") or {"date": date}}
+    return kept
 
 
 def rerender(out: Path) -> int:
@@ -203,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": loadavg(),
         **results,
     }
+    for name, section in (keep_previous(args.out, sections) if not args.quick else {}).items():
+        results[name] = section  # not measured now: the earlier figures, with their own date
     write(args.out, results)
     failed = [name for name in SECTIONS if "error" in results.get(name, {})]
     if failed:

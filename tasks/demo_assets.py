@@ -15,7 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_ASSETS_DIR = Path(".cache/demo")
-ASSETS_VERSION = 2  # 2: every linear dimension a multiple of 64 (MLP 384, vocab padded to 64)
+# 2: every linear dimension a multiple of 64 (MLP 384, vocab padded to 64). 3: a base that cannot copy
+# after pretraining is re-drawn (version 2's seed-0 base repeated 5 of 30 sentences; its adapter reached
+# BLEU 8 where version 1's reached 100).
+ASSETS_VERSION = 3
+MIN_COPY_ACCURACY = 0.9  # share of held-out sentences a usable demo base repeats exactly
+BASE_DRAWS = 4  # initialisations tried before giving up on reaching MIN_COPY_ACCURACY
 SOURCE_WORDS = (
     "red blue green black white small big old young happy sad fast slow cold warm "
     "cat dog bird fish horse tree river stone house road book child king queen farmer "
@@ -242,13 +247,54 @@ def pretrain_copying(model, tokenizer, seed: int, steps: int) -> None:
     print(f"pretrained the demo base to copy sentences: final loss {loss.item():.3f}")
 
 
+def copy_accuracy(model, tokenizer, seed: int, count: int = 32) -> float:
+    """Share of `count` unseen sentences the base repeats exactly when asked to (greedy decoding).
+
+    The demo's premise is a base that copies: the adapter then only learns a word map. Whether the
+    copying emerges within the pretraining steps depends on the initialisation (measured: seed 0 of the
+    v2 shape repeated 5 of 30 sentences after 400 steps and 26 after 1200; seed 1 all 30 after 400), so
+    the builder checks it instead of trusting it.
+    """
+    from tasks.data import render_prompt
+    from tasks.generation import generate
+
+    rng = random.Random(seed + 3)
+    sentences = [" ".join(rng.choice(SOURCE_WORDS) for _ in range(rng.randint(3, 8))) for _ in range(count)]
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": f"{COPY_INSTRUCTION}\n\n{s}"}])
+               for s in sentences]
+    answers = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=count)
+    return sum(answer == sentence for answer, sentence in zip(answers, sentences, strict=True)) / count
+
+
+def pretrained_base(tokenizer, seed: int, steps: int, min_copy_accuracy: float = MIN_COPY_ACCURACY,
+                    draws: int = BASE_DRAWS):  # -> LlamaForCausalLM
+    """The demo base: initialised from `seed`, pretrained to copy; re-drawn from the next seed while it
+    repeats fewer than `min_copy_accuracy` of unseen sentences (deterministic: the same seed gives the
+    same draws). After `draws` tries the best one is kept, with a warning."""
+    best = None
+    for draw in range(draws):
+        model = build_base_model(len(tokenizer), tokenizer, seed + draw)
+        pretrain_copying(model, tokenizer, seed + draw, steps)
+        accuracy = copy_accuracy(model, tokenizer, seed) if min_copy_accuracy > 0 else 1.0
+        print(f"demo base draw {draw + 1} (init seed {seed + draw}): repeats {accuracy:.0%} of unseen sentences")
+        if best is None or accuracy > best[0]:
+            best = (accuracy, model)
+        if accuracy >= min_copy_accuracy:
+            break
+    else:
+        print(f"warning: no demo base reached {min_copy_accuracy:.0%} copying in {draws} draws; keeping the best "
+              f"({best[0]:.0%}): the demo adapter will score lower")
+    return best[1]
+
+
 def assets_ready(out_dir: Path) -> bool:
     marker = out_dir / "assets.json"
     return marker.exists() and json.loads(marker.read_text()).get("version") == ASSETS_VERSION
 
 
 def build_demo_assets(out_dir: Path = DEFAULT_ASSETS_DIR, seed: int = 0, rows: int = 3000,
-                      pretrain_steps: int = 400, force: bool = False) -> DemoAssets:
+                      pretrain_steps: int = 400, force: bool = False,
+                      min_copy_accuracy: float = MIN_COPY_ACCURACY) -> DemoAssets:
     """Build (or reuse) the dataset and base model; the same seed gives the same files."""
     out_dir = Path(out_dir)
     assets = DemoAssets(out_dir / "data" / "demo.jsonl", out_dir / "model")
@@ -261,8 +307,7 @@ def build_demo_assets(out_dir: Path = DEFAULT_ASSETS_DIR, seed: int = 0, rows: i
 
     corpus = [f"{r['instruction']}\n\n{r['input']}" for r in data] + [r["output"] for r in data] + [COPY_INSTRUCTION]
     tokenizer = train_tokenizer(corpus, vocab_size=1024)
-    model = build_base_model(len(tokenizer), tokenizer, seed)
-    pretrain_copying(model, tokenizer, seed, pretrain_steps)
+    model = pretrained_base(tokenizer, seed, pretrain_steps, min_copy_accuracy)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(assets.model_dir)
     tokenizer.save_pretrained(assets.model_dir)

@@ -21,6 +21,7 @@ SECTION_KEYS = {
     "training": {"project_tokens_per_s", "hand_tokens_per_s", "ratio", "adamw_ratio", "end_to_end_ratio", "setup",
                  "target"},
     "training_step": {"project_tokens_per_s", "hand_tokens_per_s", "ratio", "project_s_per_step", "setup", "target"},
+    "warm_start": {"champion_bleu", "curves", "steps_to_champion_bleu", "setup", "measured"},
     "packing": {"real_tokens_per_s", "ratio", "dense_mask_ratio", "speedup_over_dense_mask", "train_loss",
                 "eval_loss_after", "real_tokens_seen"},
     "memory": {"weights", "step", "qlora_paper_bits_per_param", "target"},
@@ -28,7 +29,7 @@ SECTION_KEYS = {
 }
 HEADINGS = ["## Summary", "## 1. Training throughput", "## 1b. Training throughput on a representative step",
             "## 1c. `training.compile`", "## 2. Packing", "## 3. Memory", "## 4. Evaluation",
-            "## 5. Orchestration overhead", "## 6. GPU (H200)"]
+            "## 5. Orchestration overhead", "## 6. GPU (H200)", "## 7. Incremental training"]
 
 
 def bench_env() -> dict[str, str]:
@@ -68,8 +69,11 @@ def test_quick_run_writes_every_figure(quick_run) -> None:
     assert "skipped" in results["orchestration"]  # the flow runs in the full configuration only
     assert "skipped" in results["compile"]  # compiling takes minutes: full configuration only
     assert results["training_step"]["setup"]["parameters"] > 0
+    warm = results["warm_start"]
+    assert [p["step"] for p in warm["curves"]["fresh"]] == [0, 1, 2] == [p["step"] for p in warm["curves"]["warm"]]
+    assert warm["champion_bleu"] == warm["curves"]["warm"][0]["bleu"]  # the warm run starts as the champion
     assert [row["section"] for row in results["summary"]] == ["training", "training", "training_step", "packing",
-                                                              "memory", "evaluation"]
+                                                              "memory", "evaluation", "warm_start"]
 
 
 def test_results_md_has_every_section(quick_run) -> None:
