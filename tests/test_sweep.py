@@ -6,6 +6,7 @@ Trials are tiny (12 steps, 8 evaluation rows) so the file stays within a few min
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,6 +37,9 @@ def prefect_api_url():
 
 
 def sweep_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
+    """The tiny-trial demo sweep in tmp_path. Its MLflow store, tmp_path/mlflow.db, is the one the `mlflow_uri`
+    fixture copies there already migrated: a test that runs a sweep asks for that fixture, so that no sweep
+    pays for MLflow's schema migrations."""
     return demo_overrides(demo_assets, tmp_path, *TINY_TRIALS, *extra)
 
 
@@ -59,14 +63,16 @@ def completed(tmp_path: Path) -> dict[int, object]:
 
 
 def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_the_best(
-        prefect_api_url, demo_assets, tmp_path):
-    """A 2x2 grid sweep is killed (-9) after 2 finished trials; the rerun continues the same study, runs
-    only the 2 missing grid points, logs 4 child runs and registers the best trial with the study tags."""
+        prefect_api_url, demo_assets, tmp_path, mlflow_uri):
+    """A 2x2 grid sweep, 2 trials at a time, is killed (-9) after 2 finished trials: its trial processes die
+    with it. The rerun continues the same study, runs only the 2 missing grid points, logs 4 child runs and
+    registers the best trial with the study tags."""
+    import psutil
     from mlflow import MlflowClient
 
     from flows.sweep import sweep_flow
 
-    overrides = sweep_overrides(demo_assets, tmp_path, GRID_2X2, "sweep.pruner=none")
+    overrides = sweep_overrides(demo_assets, tmp_path, GRID_2X2, "sweep.pruner=none", "sweep.parallel=2")
     command = [sys.executable, "-m", "flows.cli", "sweep", "--config", str(SWEEP_CONFIG)]
     for item in overrides:
         command += ["--set", item]
@@ -82,8 +88,16 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
             assert not ended, f"the sweep ended before the kill: {(tmp_path / 'killed-sweep.log').read_text()[-3000:]}"
             assert time.monotonic() < deadline, "2 trials did not finish in time"
             time.sleep(0.5)
+        trial_processes = [p for p in psutil.Process(sweep.pid).children(recursive=True)
+                           if "spawn_main" in " ".join(p.cmdline())]
+        assert trial_processes, "the trials did not run in processes of their own"
+        os.kill(sweep.pid, signal.SIGKILL)  # the sweep's process alone, as an out-of-memory kill would
+        sweep.wait()
+        _, alive = psutil.wait_procs(trial_processes, timeout=60)
+        assert not alive, f"trial processes outlived the killed sweep: {alive}"
     finally:
-        os.killpg(sweep.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)
         sweep.wait()
     before = completed(tmp_path)
     assert len(before) == 2
@@ -118,7 +132,7 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
     assert version.tags["adapter_sha256"] == study.best_trial.user_attrs["adapter_sha256"]
 
 
-def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_url, demo_assets, tmp_path):
+def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_url, demo_assets, tmp_path, mlflow_uri):
     from flows.sweep import sweep_flow
 
     overrides = sweep_overrides(demo_assets, tmp_path, "sweep.space={training.learning_rate: [3.0e-3, 1.0e-7]}",
@@ -134,7 +148,7 @@ def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_u
     assert json.loads(summary)["global_step"] < 12, "a pruned trial must stop training at once"
 
 
-def test_cv_folds_report_the_mean_and_the_spread(prefect_api_url, demo_assets, tmp_path):
+def test_cv_folds_report_the_mean_and_the_spread(prefect_api_url, demo_assets, tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
     from flows.sweep import sweep_flow
@@ -212,3 +226,51 @@ def test_a_config_without_a_sweep_section_is_refused(demo_assets, tmp_path) -> N
     config = load_config(REPO_ROOT / "configs" / "demo.yaml", sweep_overrides(demo_assets, tmp_path))
     with pytest.raises(ConfigError, match="no sweep: section"):
         require_sweep(config)
+
+
+async def task_runs_of(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def overlap(intervals: list[tuple]) -> bool:
+    """Do all the (start, end) intervals share a moment: the last start before the first end?"""
+    return max(start for start, _ in intervals) < min(end for _, end in intervals)
+
+
+def test_parallel_trials_run_at_the_same_time(prefect_api_url, demo_assets, tmp_path, mlflow_uri):
+    """sweep.parallel: 2 runs both trials at once (their MLflow runs and Prefect task runs overlap), the study
+    holds both, and running at once changes neither: two trials of the same values reach the same value."""
+    import asyncio
+
+    from mlflow import MlflowClient
+    from optuna.trial import TrialState
+
+    from flows.sweep import sweep_flow
+
+    # one choice, two trials: both train the same config, each beside the other
+    overrides = sweep_overrides(demo_assets, tmp_path, "sweep.space={training.learning_rate: [3.0e-3]}",
+                                "sweep.sampler=random", "sweep.n_trials=2", "sweep.parallel=2", "sweep.pruner=none",
+                                "sweep.register_best=false")
+    state = sweep_flow(config_path=str(SWEEP_CONFIG), overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    assert sorted(outcome.ran_now) == [0, 1]
+
+    trials = load_study(tmp_path).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[0].params == trials[1].params
+    assert trials[0].value == trials[1].value, "a trial's result depended on the trial running beside it"
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in trials]
+    assert all(run.info.status == "FINISHED" for run in runs)
+    assert overlap([(run.info.start_time, run.info.end_time) for run in runs]), \
+        "the trials' MLflow runs ran one after the other"
+
+    tasks = [t for t in asyncio.run(task_runs_of(state.state_details.flow_run_id)) if t.name.startswith("trial-")]
+    assert sorted(t.name for t in tasks) == ["trial-0", "trial-1"]
+    assert overlap([(t.start_time, t.end_time) for t in tasks]), "the trials' Prefect task runs ran one after the other"
