@@ -494,7 +494,8 @@ class SweepConfig(_Section):
     objective: Literal["eval_loss", "bleu", "rougeL"] = "eval_loss"
     direction: Literal["auto", "minimize", "maximize"] = Field(
         "auto", description="auto: minimize eval_loss, maximize bleu/rougeL")
-    parallel: int = Field(1, ge=1, description="trials run at a time (one per GPU node on a GPU work pool)")
+    parallel: int = Field(1, ge=1, description="trials run at a time; above 1 each in a process of its own, all on "
+                                               "the sweep's machine (sharing its GPU)")
     cv_folds: int = Field(1, ge=1, description=">= 2: each trial trains on k hash-stable folds; objective = mean")
     study_name: str | None = Field(None, description="None: '<registry.model_name>-sweep'; same name = same study")
     storage: str | None = Field(

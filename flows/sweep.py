@@ -4,10 +4,11 @@ The flow only wires; the search logic is `tasks.sweep` (Optuna), the stages are 
 - The data contract, the data load and the GPU check are the nightly flow's own tasks, run once.
 - Each trial is a Prefect task (`trial-<n>` in the UI), retried once after a crash: training resumes
   from the trial's checkpoints and its MLflow child run is reopened. `sweep.parallel` trials run at a
-  time (submitted to the flow's task runner, a window of that many futures); each trial carries the
-  tag `qlora-sweep-trial`, so a tag concurrency limit (`prefect concurrency-limit create
-  qlora-sweep-trial N`) caps them across flow runs, and on a GPU work pool each trial's own
-  deployment run lands on its own node.
+  time (`trial_runner`, a window of that many futures): one runs in the flow's own process; several
+  run each in a process of their own (Prefect's ProcessPoolTaskRunner), because two trainings in one
+  process share torch's process-global random generator and would each change the other's result.
+  Each trial carries the tag `qlora-sweep-trial`, so a tag concurrency limit (`prefect
+  concurrency-limit create qlora-sweep-trial N`) caps them across flow runs.
 - New trials are asked from the study only when a slot frees, so the sampler (TPE) sees every
   finished trial; trials a killed sweep left running are run first, under their own numbers.
 - The study's summary (trials table, Optuna plots) goes to the parent MLflow run and the table to a
@@ -24,6 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from configs.schema import PipelineConfig, load_config
 from flows.finetune import (
@@ -35,6 +37,7 @@ from flows.finetune import (
     validate_data_task,
 )
 from tasks.data import DatasetSplits
+from tasks.distributed import die_with_parent
 from tasks.evaluate import EvalReport, evaluate_adapter
 from tasks.gpu import TrainingPlan
 from tasks.register import RegistrationResult, register_adapter
@@ -69,6 +72,21 @@ def trial_task(config: PipelineConfig, storage: str, number: int, parent: Pipeli
     outcome = run_trial(config, storage, number, parent, plan, splits)
     get_run_logger().info("trial %d %s: %s", number, outcome.state, outcome.value)
     return outcome
+
+
+def trial_runner(parallel: int) -> TaskRunner:
+    """Where the trials run: one at a time in the flow's own process, or `parallel` at a time each in a
+    process of its own. Not in threads: torch's random generator (LoRA initialisation, the order of the
+    training batches) is one per process, so two trials training in threads of one process would draw
+    from each other's stream, and the same values would give another result on every run.
+
+    The trial processes die with the flow's (`die_with_parent`): a sweep killed with -9 must not leave
+    trials training on, holding their folders and the GPU, while its rerun resumes them. (The kernel
+    watches the thread that started a process: Prefect starts its workers from the runner's resolver
+    threads, which live as long as the runner; tests/test_sweep.py kills a parallel sweep to check.)"""
+    if parallel == 1:
+        return ThreadPoolTaskRunner(max_workers=1)
+    return ProcessPoolTaskRunner(max_workers=parallel, initializer=die_with_parent)
 
 
 @task(name="sweep-summary", cache_policy=NO_CACHE, retries=0)
@@ -124,21 +142,24 @@ def sweep_flow(config_path: str = "configs/demo-sweep.yaml", overrides: list[str
         tracker.set_tags({"sweep.storage": storage, "sweep.sampler": sweep.sampler, "sweep.pruner": sweep.pruner})
         resumed, new_left, ran_now = interrupted_trials(study), trials_to_add(study, sweep), []
         running: dict[Any, int] = {}
-        while resumed or new_left or running:
-            while len(running) < sweep.parallel and (resumed or new_left):
-                if resumed:
-                    number = resumed.pop(0)
-                else:
-                    number, new_left = ask_trial(study, sweep), new_left - 1
-                running[trial_task.submit(config, storage, number, tracker, plan, splits)] = number
-                ran_now.append(number)
-            done = next(as_completed(list(running)))
-            number = running.pop(done)
-            try:  # a trial that failed after its retries is recorded FAIL; the sweep goes on
-                outcome = done.result()
-            except Exception as exc:
-                outcome = failed_outcome(number, f"{type(exc).__name__}: {exc}")
-            record_outcome(study, outcome)
+        with trial_runner(sweep.parallel) as runner:
+            while resumed or new_left or running:
+                while len(running) < sweep.parallel and (resumed or new_left):
+                    if resumed:
+                        number = resumed.pop(0)
+                    else:
+                        number, new_left = ask_trial(study, sweep), new_left - 1
+                    parameters = {"config": config, "storage": storage, "number": number, "parent": tracker,
+                                  "plan": plan, "splits": splits}
+                    running[runner.submit(trial_task, parameters)] = number
+                    ran_now.append(number)
+                done = next(as_completed(list(running)))
+                number = running.pop(done)
+                try:  # a trial that failed after its retries is recorded FAIL; the sweep goes on
+                    outcome = done.result()
+                except Exception as exc:
+                    outcome = failed_outcome(number, f"{type(exc).__name__}: {exc}")
+                record_outcome(study, outcome)
         table = summary_task(config, storage, tracker)
         registration = register_best_task(config, storage, plan, splits, validation, tracker) \
             if sweep.register_best else None

@@ -109,7 +109,8 @@ def die_with_parent() -> None:
     torchrun starts each rank in a session of its own, so a `kill -9` of the launching process group
     (a crashed worker, a cancelled flow run) would leave the ranks training on, without the output-dir
     lock, into the folder the next run resumes from. Applied to torchrun (as its `preexec_fn`) and by
-    each rank at start, a dead launcher takes its ranks with it. Elsewhere than Linux this is a no-op.
+    each rank at start, a dead launcher takes its ranks with it; the sweep's trial processes
+    (`flows.sweep.trial_runner`) apply it too. Elsewhere than Linux this is a no-op.
     """
     if not sys.platform.startswith("linux"):
         return

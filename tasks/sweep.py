@@ -238,10 +238,17 @@ def objective_value(report: Any, objective: str) -> float:
 
 def trial_tracker(config: PipelineConfig, trial: optuna.Trial, parent: PipelineTracker, name: str,
                   params: dict[str, Any]) -> PipelineTracker:
-    """The trial's nested MLflow run: reopened when a retry or a resumed sweep runs the trial again."""
+    """The trial's nested MLflow run: reopened when a retry or a resumed sweep runs the trial again.
+
+    A reopened run is re-tagged with the process that now owns it (`tasks.orphan_runs.process_tags`):
+    still naming the dead one, it would be marked KILLED by the next run that starts beside it (a
+    parallel trial) while it trains."""
+    from tasks.orphan_runs import process_tags
+
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id:
         tracker = PipelineTracker(run_id, parent.uri)
+        tracker.set_tags(process_tags())
         tracker.client.update_run(run_id, status="RUNNING")
         return tracker
     tracker = PipelineTracker.start(config, run_name=f"trial-{trial.number}", tracking_uri=parent.uri,

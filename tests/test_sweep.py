@@ -6,6 +6,7 @@ Trials are tiny (12 steps, 8 evaluation rows) so the file stays within a few min
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,6 +37,9 @@ def prefect_api_url():
 
 
 def sweep_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
+    """The tiny-trial demo sweep in tmp_path. Its MLflow store, tmp_path/mlflow.db, is the one the `mlflow_uri`
+    fixture copies there already migrated: a test that runs a sweep asks for that fixture, so that no sweep
+    pays for MLflow's schema migrations."""
     return demo_overrides(demo_assets, tmp_path, *TINY_TRIALS, *extra)
 
 
@@ -45,23 +49,37 @@ def load_study(tmp_path: Path, name: str = "demo-qlora-adapter-sweep"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
 
 
-def completed(tmp_path: Path) -> dict[int, object]:
-    """Trial number -> completion time of the study's COMPLETE trials (empty while there is no study yet)."""
-    from optuna.trial import TrialState
-
+def trials_in(tmp_path: Path, state) -> list:
+    """The study's trials in `state` (none while there is no study yet)."""
     if not (tmp_path / "optuna.db").exists():
-        return {}
+        return []
     try:
         study = load_study(tmp_path)
     except KeyError:  # the database exists, the study not yet
-        return {}
-    return {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
+        return []
+    return study.get_trials(states=(state,))
+
+
+def completed(tmp_path: Path) -> dict[int, object]:
+    """Trial number -> completion time of the study's COMPLETE trials."""
+    from optuna.trial import TrialState
+
+    return {t.number: t.datetime_complete for t in trials_in(tmp_path, TrialState.COMPLETE)}
+
+
+def training(tmp_path: Path) -> dict[int, str]:
+    """Trial number -> MLflow run id of the RUNNING trials whose run exists already."""
+    from optuna.trial import TrialState
+
+    return {t.number: t.user_attrs["mlflow_run_id"] for t in trials_in(tmp_path, TrialState.RUNNING)
+            if "mlflow_run_id" in t.user_attrs}
 
 
 def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_the_best(
-        prefect_api_url, demo_assets, tmp_path):
-    """A 2x2 grid sweep is killed (-9) after 2 finished trials; the rerun continues the same study, runs
-    only the 2 missing grid points, logs 4 child runs and registers the best trial with the study tags."""
+        prefect_api_url, demo_assets, tmp_path, mlflow_uri):
+    """A 2x2 grid sweep is killed (-9) after 2 finished trials, while the third trains; the rerun continues
+    the same study, runs only the 2 missing grid points (the interrupted one in its own MLflow run, reopened
+    and owned by the rerun), logs 4 child runs and registers the best trial with the study tags."""
     from mlflow import MlflowClient
 
     from flows.sweep import sweep_flow
@@ -77,7 +95,7 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
                              start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while len(completed(tmp_path)) < 2:
+        while len(completed(tmp_path)) < 2 or not training(tmp_path):
             ended = sweep.poll() is not None
             assert not ended, f"the sweep ended before the kill: {(tmp_path / 'killed-sweep.log').read_text()[-3000:]}"
             assert time.monotonic() < deadline, "2 trials did not finish in time"
@@ -85,8 +103,8 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
     finally:
         os.killpg(sweep.pid, signal.SIGKILL)
         sweep.wait()
-    before = completed(tmp_path)
-    assert len(before) == 2
+    before, interrupted = completed(tmp_path), training(tmp_path)
+    assert len(before) == 2 and len(interrupted) == 1
 
     outcome = sweep_flow(config_path=str(SWEEP_CONFIG), overrides=overrides)
 
@@ -101,8 +119,13 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
     experiment = client.get_experiment_by_name("qlora-demo").experiment_id
     children = client.search_runs([experiment], filter_string="tags.`sweep.trial` != ''")
     assert sorted(int(run.data.tags["sweep.trial"]) for run in children) == [0, 1, 2, 3]
+    ((number, run_id),) = interrupted.items()
+    (resumed,) = [run for run in children if run.data.tags["sweep.trial"] == str(number)]
+    assert resumed.info.run_id == run_id, "the interrupted trial's MLflow run was not reopened"
     for run in children:
         assert run.data.tags.get("mlflow.parentRunId"), "a trial's run is not nested under a study run"
+        if int(run.data.tags["sweep.trial"]) in outcome.ran_now:  # a reopened run names its new owner
+            assert run.data.tags["pid"] == str(os.getpid())
         assert run.info.status == "FINISHED" and run.data.tags["sweep.trial_state"] == "complete"
         assert "training.learning_rate" in run.data.params and "sweep.objective" in run.data.metrics
     parent = client.get_run(outcome.run_id)
@@ -118,7 +141,7 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
     assert version.tags["adapter_sha256"] == study.best_trial.user_attrs["adapter_sha256"]
 
 
-def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_url, demo_assets, tmp_path):
+def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_url, demo_assets, tmp_path, mlflow_uri):
     from flows.sweep import sweep_flow
 
     overrides = sweep_overrides(demo_assets, tmp_path, "sweep.space={training.learning_rate: [3.0e-3, 1.0e-7]}",
@@ -134,7 +157,7 @@ def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_u
     assert json.loads(summary)["global_step"] < 12, "a pruned trial must stop training at once"
 
 
-def test_cv_folds_report_the_mean_and_the_spread(prefect_api_url, demo_assets, tmp_path):
+def test_cv_folds_report_the_mean_and_the_spread(prefect_api_url, demo_assets, tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
     from flows.sweep import sweep_flow
@@ -212,3 +235,99 @@ def test_a_config_without_a_sweep_section_is_refused(demo_assets, tmp_path) -> N
     config = load_config(REPO_ROOT / "configs" / "demo.yaml", sweep_overrides(demo_assets, tmp_path))
     with pytest.raises(ConfigError, match="no sweep: section"):
         require_sweep(config)
+
+
+async def task_runs_of(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def overlap(intervals: list[tuple]) -> bool:
+    """Do all the (start, end) intervals share a moment: the last start before the first end?"""
+    return max(start for start, _ in intervals) < min(end for _, end in intervals)
+
+
+def test_parallel_trials_run_at_the_same_time(prefect_api_url, demo_assets, tmp_path, mlflow_uri):
+    """sweep.parallel: 2 runs both trials at once (their MLflow runs and Prefect task runs overlap), the study
+    holds both, and running at once changes neither: two trials of the same values reach the same value."""
+    import asyncio
+
+    from mlflow import MlflowClient
+    from optuna.trial import TrialState
+
+    from flows.sweep import sweep_flow
+
+    # one choice, two trials: both train the same config, each beside the other
+    overrides = sweep_overrides(demo_assets, tmp_path, "sweep.space={training.learning_rate: [3.0e-3]}",
+                                "sweep.sampler=random", "sweep.n_trials=2", "sweep.parallel=2", "sweep.pruner=none",
+                                "sweep.register_best=false")
+    state = sweep_flow(config_path=str(SWEEP_CONFIG), overrides=overrides, return_state=True)
+    assert state.is_completed(), state.message
+    outcome = state.result()
+    assert sorted(outcome.ran_now) == [0, 1]
+
+    trials = load_study(tmp_path).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[0].params == trials[1].params
+    assert trials[0].value == trials[1].value, "a trial's result depended on the trial running beside it"
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = [client.get_run(t.user_attrs["mlflow_run_id"]) for t in trials]
+    assert all(run.info.status == "FINISHED" for run in runs)
+    assert overlap([(run.info.start_time, run.info.end_time) for run in runs]), \
+        "the trials' MLflow runs ran one after the other"
+    pids = {run.data.tags["pid"] for run in runs}
+    assert len(pids) == 2 and str(os.getpid()) not in pids, "the trials did not each run in a process of their own"
+
+    tasks = [t for t in asyncio.run(task_runs_of(state.state_details.flow_run_id)) if t.name.startswith("trial-")]
+    assert sorted(t.name for t in tasks) == ["trial-0", "trial-1"]
+    assert overlap([(t.start_time, t.end_time) for t in tasks]), "the trials' Prefect task runs ran one after the other"
+
+
+HOLD_A_TRIAL_SLOT = """
+import os, sys, time
+from prefect import task
+from flows.sweep import trial_runner
+
+@task
+def hold(path):
+    open(path, "w").write(str(os.getpid()))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    with trial_runner(2) as runner:
+        runner.submit(hold, {"path": sys.argv[1]}).result()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_parallel_trial_processes_die_with_the_sweep(prefect_api_url, tmp_path):
+    """A sweep killed with -9 (its process alone, as the out-of-memory killer does) takes its parallel trial
+    processes with it: left alive they would train on into folders the rerun resumes. The slot here holds a
+    sleeping task instead of a trial, to keep the test cheap; the runner is the sweep's own."""
+    import psutil
+
+    pid_file = tmp_path / "trial.pid"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PREFECT_API_URL": prefect_api_url}
+    sweep = subprocess.Popen([sys.executable, "-c", HOLD_A_TRIAL_SLOT, str(pid_file)], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "sweep.log").open("w"),
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not pid_file.exists() or not pid_file.read_text():
+            assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the trial process did not start in time"
+            time.sleep(0.2)
+        trial = psutil.Process(int(pid_file.read_text()))
+        assert trial.pid != sweep.pid and trial.ppid() == sweep.pid, "the trial did not run in a process of its own"
+        os.kill(sweep.pid, signal.SIGKILL)
+        sweep.wait()
+        _, alive = psutil.wait_procs([trial], timeout=30)
+        assert not alive, "the trial process outlived the killed sweep"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait()
