@@ -79,8 +79,9 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         reached, steps = warm["steps_to_champion_bleu"], warm["setup"]["steps"]
         fresh = reached["fresh"] if reached["fresh"] is not None else f"not within {steps}"
         ok = reached["warm"] is not None and (reached["fresh"] is None or reached["warm"] < reached["fresh"])
-        rows.append({"section": "warm_start", "figure": f"steps to the champion's BLEU ({warm['champion_bleu']:.1f}), "
-                     "warm start vs fresh LoRA", "value": f"{reached['warm']} vs {fresh}",
+        share = warm.get("reached_share", 1.0)
+        figure = f"steps to {share:.0%} of the champion's BLEU ({warm['champion_bleu']:.1f}), warm start vs fresh LoRA"
+        rows.append({"section": "warm_start", "figure": figure, "value": f"{reached['warm']} vs {fresh}",
                      "target": "warm < fresh", "verdict": "PASS" if ok else "MISS"})
     return rows
 
@@ -91,6 +92,15 @@ def _skipped(section: dict[str, Any]) -> str | None:
     if "error" in section:
         return f"**Failed:** `{section['error']}`"
     return None
+
+
+def _measured(section: dict[str, Any]) -> str:
+    """When this section was measured, and the load then (sections keep their own date: `--sections`)."""
+    measured = section.get("measured") or {}
+    if not measured.get("date"):
+        return ""
+    load = f", load average {measured['loadavg_start']} at start" if measured.get("loadavg_start") else ""
+    return f"*Measured {measured['date']}{load}.*\n\n"
 
 
 def _setup(setup: dict[str, Any]) -> str:
@@ -125,7 +135,10 @@ def training_step_md(r: dict[str, Any]) -> str:
         f"| project `train()` tokens/s, steady state | {fmt_range(r['project_tokens_per_s'], 0)} |",
         f"| hand-written loop tokens/s, steady state | {fmt_range(r['hand_tokens_per_s'], 0)} |",
         f"| **ratio project ÷ hand** (paired) | **{fmt_range(r['ratio'])}** (target ≥ {r['target']}) |",
-        f"| s/step: project / hand | {fmt_range(r['project_s_per_step'], 3)} / {fmt_range(r['hand_s_per_step'], 3)} |",
+        f"| project with `training.optim=adamw_torch` tokens/s | {fmt_range(r['project_adamw_tokens_per_s'], 0)} |",
+        f"| ratio project with adamw_torch ÷ hand (paired) | {fmt_range(r['adamw_ratio'])} |",
+        f"| s/step: project / hand / project with adamw_torch | {fmt_range(r['project_s_per_step'], 3)} / "
+        f"{fmt_range(r['hand_s_per_step'], 3)} / {fmt_range(r['project_adamw_s_per_step'], 3)} |",
         "", _setup(r["setup"]),
     ])
 
@@ -294,8 +307,8 @@ def warm_start_md(r: dict[str, Any]) -> str:
           for name in ("fresh", "warm")),
         "",
         f"- the champion's BLEU on these rows: {r['champion_bleu']:.1f}",
-        f"- first scored step at or above it: warm start {reached['warm']}, fresh "
-        f"{reached['fresh'] if reached['fresh'] is not None else 'not reached'}",
+        f"- first scored step after step 0 at or above {r.get('reached_share', 1.0):.0%} of it: warm start "
+        f"{reached['warm']}, fresh {reached['fresh'] if reached['fresh'] is not None else 'not reached'}",
         f"- wall time (s): champion {r['wall_s']['champion']:.0f}, fresh {r['wall_s']['fresh']:.0f}, "
         f"warm {r['wall_s']['warm']:.0f} (BLEU scoring included)",
     ])
@@ -339,11 +352,7 @@ def render(results: dict[str, Any]) -> str:
                    f"| **{row['verdict']}** |")
     for key, title in SECTION_TITLES.items():
         section = results.get(key, {"skipped": "not in this run"})
-        measured = section.get("measured", {})
-        stamp = (f"*Measured {measured['date']}" + (f", load average {measured['loadavg_start']} at start"
-                                                     if measured.get("loadavg_start") else "") + ".*")
-        out += ["", f"## {title}", "", _skipped(section) or (stamp + "\n\n" if measured.get("date") else "")
-                + RENDERERS[key](section)]
+        out += ["", f"## {title}", "", _skipped(section) or _measured(section) + RENDERERS[key](section)]
     if NOTES_FILE.exists():
         out += ["", NOTES_FILE.read_text().strip()]
     return "\n".join(out) + "\n"

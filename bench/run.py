@@ -95,8 +95,7 @@ def run_sections(sections: list[str], sizes: Sizes, work: Path, threads: int) ->
                                                 s.train_repeats),
         "training_step": lambda: training_throughput(
             assets, work / "training-step", s.step_train_steps, s.step_train_warmup, s.step_train_repeats,
-            model_dir=representative_model(assets, work / "step-model", SHAPES[s.step_model]),
-            with_adamw=False),
+            model_dir=representative_model(assets, work / "step-model", SHAPES[s.step_model])),
         "compile": lambda: compile_benchmark(assets, work / "compile", s.compile_steps or 0, s.compile_warmup,
                                              s.compile_repeats),
         "packing": lambda: packing_benchmark(assets, work / "packing", s.pack_steps, s.pack_warmup, s.pack_repeats,
