@@ -327,8 +327,9 @@ def render(results: dict[str, Any]) -> str:
     out = [
         "# Benchmark results",
         "",
-        "Written by `python -m bench.run` (`make bench`); the figures below are from one run, the JSON beside "
-        "this file (`results.json`) holds every repeat.",
+        "Written by `python -m bench.run` (`make bench`); the JSON beside "
+        "this file (`results.json`) holds every repeat. A run of some sections (`--sections`) keeps the other "
+        "sections' earlier figures: each section says when it was measured.",
         "",
         f"- date: {m['date']}",
         f"- machine: {m['cpu_model']}, {m['cpu_cores']} cores, {m['ram_gib']} GiB RAM; {m['platform']}",
