@@ -8,6 +8,7 @@ A plan that cannot fit is refused before any weights are loaded, with the number
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -310,6 +311,11 @@ def plan_training(report: DeviceReport, config: PipelineConfig, stats: ModelStat
             f"no CUDA GPU found and the model has {stats.total_params / 1e6:.0f}M parameters; CPU training is "
             f"planned only for tiny models (<= {CPU_MAX_PARAMS / 1e6:.0f}M). Options: run on a GPU machine "
             "(check `nvidia-smi` and that torch was installed with CUDA), or use a smaller model."
+        )
+    if training.offload == "zero2_cpu" and importlib.util.find_spec("deepspeed") is None:
+        raise PlanRefused(
+            "training.offload=zero2_cpu runs DeepSpeed ZeRO-2, and deepspeed is not installed. Fix: "
+            "`pip install -e '.[offload]'` (or `pip install deepspeed`), or set training.offload=none"
         )
     compute_dtype = _compute_dtype(config, report)
     if compute_dtype == "bfloat16" and on_gpu and not report.devices[0].bf16_supported:

@@ -270,3 +270,12 @@ def test_zero2_offload_trains_with_deepspeeds_cpu_optimizer(demo_assets, tmp_pat
     checkpoints = tmp_path / "out" / "checkpoints"
     shards = list(checkpoints.glob("checkpoint-*/global_step*/zero_pp_rank_0_*optim_states.pt"))
     assert shards, "no ZeRO optimizer shard in the checkpoints: DeepSpeed did not train"
+
+
+def test_offload_without_deepspeed_is_refused_with_the_fix(demo_assets, demo_stats) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here: test_zero2_offload_trains_with_deepspeeds_cpu_optimizer runs instead")
+    with pytest.raises(PlanRefused, match=r"deepspeed is not installed.*pip install -e '\.\[offload\]'"):
+        plan_training(NO_GPU, demo_config(demo_assets, "training.offload=zero2_cpu"), demo_stats)
