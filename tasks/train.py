@@ -385,6 +385,12 @@ def _train_holding_output_dir(config: PipelineConfig, plan: TrainingPlan, splits
         if eval_data is not None and not initial_eval_file.exists() and plan.offload == "none":
             initial = trainer.evaluate()  # every rank: the eval loss is gathered across them
             eval_before = initial.get("eval_loss")
+            # evaluate() had accelerate prepare the model for inference, which marks it prepared; training's
+            # prepare then returns it as it is, without the DistributedDataParallel wrapper, and each rank
+            # trains alone (measured: 2 CPU ranks ended with different LoRA weights, and after 200 steps at
+            # loss 2.00 against one process's 0.76). Clearing the mark lets training wrap it.
+            if plan.world_size > 1 and getattr(trainer.model, "_is_accelerate_prepared", False):
+                del trainer.model._is_accelerate_prepared
             if main_rank:
                 initial_eval_file.write_text(json.dumps(initial))
         elif initial_eval_file.exists():
