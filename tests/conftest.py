@@ -16,6 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+# One intra-op thread, set before torch is imported (and inherited by the servers and CLI runs the tests
+# start). The demo model's matrices are tiny, so a second OpenMP thread only adds synchronisation, and
+# on a busy 2-core machine its spin-waiting threads crawl: measured here, the out-of-memory re-plan test
+# took 113 s with torch's default of one thread per core against 13 s with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
