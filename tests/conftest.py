@@ -31,7 +31,10 @@ SHORT_TRAINING = ["training.max_steps=160", "training.save_steps=80", "training.
 
 def demo_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
     """Overrides that point the demo config at the built assets and at a private output dir and sqlite
-    MLflow store in tmp_path, then `extra` (for configs passed by path, e.g. to a flow)."""
+    MLflow store in tmp_path, then `extra` (for configs passed by path, e.g. to a flow).
+
+    The store is `mlflow_uri`'s path: a test that also requests that fixture starts from a copy of the
+    migrated empty store instead of paying MLflow's ~10 s schema creation."""
     return [
         f"data.path={demo_assets.data_path.resolve()}",
         f"model.name_or_path={demo_assets.model_dir.resolve()}",

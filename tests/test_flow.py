@@ -48,6 +48,7 @@ class CrashOnceAfterCheckpoint(TrainerCallback):
             raise RuntimeError(f"simulated worker crash at step {state.global_step}")
 
 
+@pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
 def test_flow_completes_resumes_after_a_crash_and_registers(prefect_server, demo_assets, tmp_path, monkeypatch):
     import mlflow
 
@@ -84,6 +85,7 @@ def test_flow_completes_resumes_after_a_crash_and_registers(prefect_server, demo
     assert asyncio.run(artifact_keys(state.state_details.flow_run_id)) >= ARTIFACT_KEYS
 
 
+@pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
 def test_bad_data_fails_the_flow_before_training_and_registers_nothing(prefect_server, demo_assets, tmp_path):
     import mlflow
 

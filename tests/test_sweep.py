@@ -58,6 +58,7 @@ def completed(tmp_path: Path) -> dict[int, object]:
     return {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
 
 
+@pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
 def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_the_best(
         prefect_api_url, demo_assets, tmp_path):
     """A 2x2 grid sweep is killed (-9) after 2 finished trials; the rerun continues the same study, runs
@@ -118,6 +119,7 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
     assert version.tags["adapter_sha256"] == study.best_trial.user_attrs["adapter_sha256"]
 
 
+@pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
 def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_url, demo_assets, tmp_path):
     from flows.sweep import sweep_flow
 
@@ -134,6 +136,7 @@ def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_u
     assert json.loads(summary)["global_step"] < 12, "a pruned trial must stop training at once"
 
 
+@pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
 def test_cv_folds_report_the_mean_and_the_spread(prefect_api_url, demo_assets, tmp_path):
     from mlflow import MlflowClient
 
