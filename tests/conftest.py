@@ -103,6 +103,18 @@ def evaluated(trained, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prefect_server():
+    """The API URL of one temporary Prefect server (prefect_test_harness) shared by every module that runs
+    flows or checks work pools (their job configuration classes resolve templates through the API):
+    starting one takes ~15 s. Tests find their own flow runs by id, so they do not see each other's."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
 def mlflow_store_template(tmp_path_factory):
     """An empty MLflow sqlite store with its schema created once (MLflow's migrations take ~10 s a store)."""
     from mlflow import MlflowClient

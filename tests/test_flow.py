@@ -14,14 +14,6 @@ from tests.conftest import DEMO_CONFIG, REPO_ROOT, SHORT_TRAINING, demo_override
 ARTIFACT_KEYS = {"validation-summary", "gpu-plan", "evaluation-report", "registration", "sample-predictions"}
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def flow_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
     return demo_overrides(demo_assets, tmp_path, *SHORT_TRAINING, *extra)
 

@@ -234,14 +234,6 @@ def test_only_runs_of_dead_processes_on_this_machine_are_marked_killed(make_conf
 # Whole pipeline runs as real processes
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
 def pipeline_overrides(demo_assets, mlflow_uri, tmp_path) -> Callable[..., list[str]]:
     """Overrides for a quick pipeline run into tmp_path/out, tracked in the test's sqlite store."""

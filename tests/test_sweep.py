@@ -26,15 +26,6 @@ TINY_TRIALS = ["training.max_steps=12", "training.eval_steps=6", "training.save_
 GRID_2X2 = "sweep.space={lora.r: [4, 8], training.learning_rate: [1.0e-3, 3.0e-3]}"
 
 
-@pytest.fixture(scope="module")
-def prefect_api_url():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 def sweep_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
     return demo_overrides(demo_assets, tmp_path, *TINY_TRIALS, *extra)
 
@@ -60,7 +51,7 @@ def completed(tmp_path: Path) -> dict[int, object]:
 
 @pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
 def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_the_best(
-        prefect_api_url, demo_assets, tmp_path):
+        prefect_server, demo_assets, tmp_path):
     """A 2x2 grid sweep is killed (-9) after 2 finished trials; the rerun continues the same study, runs
     only the 2 missing grid points, logs 4 child runs and registers the best trial with the study tags."""
     from mlflow import MlflowClient
@@ -71,7 +62,7 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
     command = [sys.executable, "-m", "flows.cli", "sweep", "--config", str(SWEEP_CONFIG)]
     for item in overrides:
         command += ["--set", item]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PREFECT_API_URL": prefect_api_url,
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PREFECT_API_URL": prefect_server,
            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
     log = (tmp_path / "killed-sweep.log").open("w")
     sweep = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -120,7 +111,7 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
 
 
 @pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
-def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_url, demo_assets, tmp_path):
+def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_server, demo_assets, tmp_path):
     from flows.sweep import sweep_flow
 
     overrides = sweep_overrides(demo_assets, tmp_path, "sweep.space={training.learning_rate: [3.0e-3, 1.0e-7]}",
@@ -137,7 +128,7 @@ def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_u
 
 
 @pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
-def test_cv_folds_report_the_mean_and_the_spread(prefect_api_url, demo_assets, tmp_path):
+def test_cv_folds_report_the_mean_and_the_spread(prefect_server, demo_assets, tmp_path):
     from mlflow import MlflowClient
 
     from flows.sweep import sweep_flow
