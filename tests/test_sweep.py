@@ -39,12 +39,15 @@ def load_study(tmp_path: Path, name: str = "demo-qlora-adapter-sweep"):
 def completed(tmp_path: Path) -> dict[int, object]:
     """Trial number -> completion time of the study's COMPLETE trials (empty while there is no study yet)."""
     from optuna.trial import TrialState
+    from sqlalchemy.exc import OperationalError
 
     if not (tmp_path / "optuna.db").exists():
         return {}
     try:
         study = load_study(tmp_path)
     except KeyError:  # the database exists, the study not yet
+        return {}
+    except OperationalError:  # the sweep is creating the tables as we open it ("table ... already exists")
         return {}
     return {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
 
