@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, demo_overrides
+from tests.conftest import DEMO_SLICE_VALIDATION, REPO_ROOT, demo_overrides
 
 SWEEP_CONFIG = REPO_ROOT / "configs" / "demo-sweep.yaml"
 TINY_TRIALS = ["training.max_steps=12", "training.eval_steps=6", "training.save_steps=6",
@@ -26,42 +26,78 @@ TINY_TRIALS = ["training.max_steps=12", "training.eval_steps=6", "training.save_
 GRID_2X2 = "sweep.space={lora.r: [4, 8], training.learning_rate: [1.0e-3, 3.0e-3]}"
 
 
-def sweep_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
-    return demo_overrides(demo_assets, tmp_path, *TINY_TRIALS, *extra)
+def sweep_overrides(demo_assets, tmp_path: Path, *extra: str, data: Path | None = None) -> list[str]:
+    """Tiny trials; on `data` (the conftest demo_data_slice) when given: the sweep tests are about the study."""
+    sliced = [f"data.path={data}", *DEMO_SLICE_VALIDATION] if data else []
+    return demo_overrides(demo_assets, tmp_path, *TINY_TRIALS, *sliced, *extra)
 
 
-def load_study(tmp_path: Path, name: str = "demo-qlora-adapter-sweep"):
+STUDY = "demo-qlora-adapter-sweep"
+
+
+def load_study(tmp_path: Path, name: str = STUDY):
     import optuna
 
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
 
 
+def study_trials(tmp_path: Path) -> list:
+    """The study's trials (FrozenTrial), or [] while the sweep has not created it yet.
+
+    Read-only until the study's row is there: Optuna opening a storage creates missing tables and stamps
+    the schema version, so opening it while the sweep creates it races the sweep (one of the two fails
+    with "table ... already exists" or a UNIQUE constraint on alembic_version).
+    """
+    import sqlite3
+    from contextlib import closing
+
+    db = tmp_path / "optuna.db"
+    if not db.exists():
+        return []
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
+            created = connection.execute("SELECT 1 FROM studies WHERE study_name = ?", (STUDY,)).fetchone()
+    except sqlite3.OperationalError:  # no tables yet
+        return []
+    return load_study(tmp_path).get_trials() if created else []
+
+
 def completed(tmp_path: Path) -> dict[int, object]:
     """Trial number -> completion time of the study's COMPLETE trials (empty while there is no study yet)."""
     from optuna.trial import TrialState
-    from sqlalchemy.exc import OperationalError
 
-    if not (tmp_path / "optuna.db").exists():
-        return {}
-    try:
-        study = load_study(tmp_path)
-    except KeyError:  # the database exists, the study not yet
-        return {}
-    except OperationalError:  # the sweep is creating the tables as we open it ("table ... already exists")
-        return {}
-    return {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    return {t.number: t.datetime_complete for t in study_trials(tmp_path) if t.state == TrialState.COMPLETE}
+
+
+def two_done_and_the_third_under_way(tmp_path: Path) -> bool:
+    """Two trials complete, and the third running with its MLflow run's id recorded in the study.
+
+    The kill lands then, in the third trial's seconds of work. A kill between creating a trial's MLflow
+    run and recording its id (tasks.sweep.trial_tracker, a sub-second window) would leave that run behind,
+    marked KILLED, beside the one the rerun opens: this test does not aim at that window, and polling for
+    "two complete" alone hit it once trials got fast.
+    """
+    from optuna.trial import TrialState
+
+    from tasks.sweep import RUN_ID_ATTR
+
+    trials = study_trials(tmp_path)
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    return (sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(running) == 1
+            and RUN_ID_ATTR in running[0].user_attrs)
 
 
 @pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
 def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_the_best(
-        prefect_server, demo_assets, tmp_path):
-    """A 2x2 grid sweep is killed (-9) after 2 finished trials; the rerun continues the same study, runs
-    only the 2 missing grid points, logs 4 child runs and registers the best trial with the study tags."""
+        prefect_server, demo_assets, demo_data_slice, tmp_path):
+    """A 2x2 grid sweep is killed (-9) after 2 finished trials, during the third; the rerun continues the same
+    study, runs only the 2 missing grid points (the third again, under its own number), logs 4 child runs and
+    registers the best trial with the study tags."""
     from mlflow import MlflowClient
 
     from flows.sweep import sweep_flow
 
-    overrides = sweep_overrides(demo_assets, tmp_path, GRID_2X2, "sweep.pruner=none")
+    overrides = sweep_overrides(demo_assets, tmp_path, GRID_2X2, "sweep.pruner=none", data=demo_data_slice)
     command = [sys.executable, "-m", "flows.cli", "sweep", "--config", str(SWEEP_CONFIG)]
     for item in overrides:
         command += ["--set", item]
@@ -72,11 +108,11 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
                              start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while len(completed(tmp_path)) < 2:
+        while not two_done_and_the_third_under_way(tmp_path):
             ended = sweep.poll() is not None
             assert not ended, f"the sweep ended before the kill: {(tmp_path / 'killed-sweep.log').read_text()[-3000:]}"
             assert time.monotonic() < deadline, "2 trials did not finish in time"
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         os.killpg(sweep.pid, signal.SIGKILL)
         sweep.wait()
@@ -114,14 +150,15 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
 
 
 @pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
-def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_server, demo_assets, tmp_path):
+def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_server, demo_assets, demo_data_slice,
+                                                                  tmp_path):
     from flows.sweep import sweep_flow
 
     overrides = sweep_overrides(demo_assets, tmp_path, "sweep.space={training.learning_rate: [3.0e-3, 1.0e-7]}",
                                 # seed 1: Optuna's grid order runs 3e-3 first, the one startup trial
                                 "sweep.n_trials=2", "sweep.seed=1", "sweep.pruner=median",
                                 "sweep.pruner_startup_trials=1",
-                                "sweep.register_best=false")
+                                "sweep.register_best=false", data=demo_data_slice)
     outcome = sweep_flow(config_path=str(SWEEP_CONFIG), overrides=overrides)
     states = {row["training.learning_rate"]: row["state"] for row in outcome.trials}
     assert states == {3e-3: "complete", 1e-7: "pruned"}
@@ -131,14 +168,14 @@ def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_serve
 
 
 @pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
-def test_cv_folds_report_the_mean_and_the_spread(prefect_server, demo_assets, tmp_path):
+def test_cv_folds_report_the_mean_and_the_spread(prefect_server, demo_assets, demo_data_slice, tmp_path):
     from mlflow import MlflowClient
 
     from flows.sweep import sweep_flow
 
     overrides = sweep_overrides(demo_assets, tmp_path, "sweep.space={training.learning_rate: [3.0e-3]}",
                                 "sweep.n_trials=1", "sweep.cv_folds=2", "sweep.pruner=none",
-                                "sweep.register_best=false")
+                                "sweep.register_best=false", data=demo_data_slice)
     outcome = sweep_flow(config_path=str(SWEEP_CONFIG), overrides=overrides)
     (trial,) = load_study(tmp_path).trials
     folds = trial.user_attrs["fold_values"]
