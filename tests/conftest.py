@@ -16,17 +16,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+# One intra-op thread, set before torch is imported (and inherited by the servers and CLI runs the tests
+# start). The demo model's matrices are tiny, so a second OpenMP thread only adds synchronisation, and
+# on a busy 2-core machine its spin-waiting threads crawl: measured here, the out-of-memory re-plan test
+# took 113 s with torch's default of one thread per core against 13 s with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 # Short but real: enough steps for the adapter to clearly beat the base on the demo task.
 SHORT_TRAINING = ["training.max_steps=160", "training.save_steps=80", "training.logging_steps=20",
                   "evaluation.max_rows=64"]
+# The first rows of the demo data, for pipeline runs whose tests are about orchestration, not learning: every
+# run tokenizes, validates and evaluates (eval loss) all of its rows. The demo's data contract asks for
+# 1,000 train and 100 eval rows; these overrides let the slice (358 train, 42 eval rows) pass it.
+DEMO_SLICE_ROWS = 400
+DEMO_SLICE_VALIDATION = ["data.validation.min_train_rows=100", "data.validation.min_eval_rows=10"]
 
 
 def demo_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
     """Overrides that point the demo config at the built assets and at a private output dir and sqlite
-    MLflow store in tmp_path, then `extra` (for configs passed by path, e.g. to a flow)."""
+    MLflow store in tmp_path, then `extra` (for configs passed by path, e.g. to a flow).
+
+    The store is `mlflow_uri`'s path: a test that also requests that fixture starts from a copy of the
+    migrated empty store instead of paying MLflow's ~10 s schema creation."""
     return [
         f"data.path={demo_assets.data_path.resolve()}",
         f"model.name_or_path={demo_assets.model_dir.resolve()}",
@@ -41,6 +54,14 @@ def demo_assets():
     from tasks.demo_assets import build_demo_assets
 
     return build_demo_assets(REPO_ROOT / ".cache" / "demo")
+
+
+@pytest.fixture(scope="session")
+def demo_data_slice(demo_assets, tmp_path_factory) -> Path:
+    """The first DEMO_SLICE_ROWS rows of the demo data as a file (pass DEMO_SLICE_VALIDATION with it)."""
+    path = tmp_path_factory.mktemp("demo-slice") / "demo.jsonl"
+    path.write_text("\n".join(demo_assets.data_path.read_text().splitlines()[:DEMO_SLICE_ROWS]) + "\n")
+    return path
 
 
 @pytest.fixture
@@ -92,6 +113,18 @@ def evaluated(trained, tmp_path_factory):
     report = evaluate_adapter(config, plan, splits, result.adapter_dir)
     paths = report.save(tmp_path_factory.mktemp("evaluated"))
     return config, result, report, paths
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """The API URL of one temporary Prefect server (prefect_test_harness) shared by every module that runs
+    flows or checks work pools (their job configuration classes resolve templates through the API):
+    starting one takes ~15 s. Tests find their own flow runs by id, so they do not see each other's."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")

@@ -14,14 +14,6 @@ from tests.conftest import DEMO_CONFIG, REPO_ROOT, SHORT_TRAINING, demo_override
 ARTIFACT_KEYS = {"validation-summary", "gpu-plan", "evaluation-report", "registration", "sample-predictions"}
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def flow_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
     return demo_overrides(demo_assets, tmp_path, *SHORT_TRAINING, *extra)
 
@@ -48,6 +40,7 @@ class CrashOnceAfterCheckpoint(TrainerCallback):
             raise RuntimeError(f"simulated worker crash at step {state.global_step}")
 
 
+@pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
 def test_flow_completes_resumes_after_a_crash_and_registers(prefect_server, demo_assets, tmp_path, monkeypatch):
     import mlflow
 
@@ -84,6 +77,7 @@ def test_flow_completes_resumes_after_a_crash_and_registers(prefect_server, demo
     assert asyncio.run(artifact_keys(state.state_details.flow_run_id)) >= ARTIFACT_KEYS
 
 
+@pytest.mark.usefixtures("mlflow_uri")  # the store demo_overrides names, already migrated
 def test_bad_data_fails_the_flow_before_training_and_registers_nothing(prefect_server, demo_assets, tmp_path):
     import mlflow
 

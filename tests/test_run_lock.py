@@ -20,14 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import DEMO_CONFIG, REPO_ROOT
+from tests.conftest import DEMO_CONFIG, DEMO_SLICE_VALIDATION, REPO_ROOT
 
 MODEL_NAME = "demo-qlora-adapter"
-# Short, real pipeline runs on a slice of the demo data: a few checkpoints, a small evaluation, no input
-# example at registration (MLflow would load the model once to predict it).
-SLICE_ROWS = 400
-QUICK_RUN = ["data.validation.min_train_rows=100", "data.validation.min_eval_rows=10",
-             "training.max_steps=20", "training.save_steps=5", "training.logging_steps=5",
+# Short, real pipeline runs on a slice of the demo data (conftest demo_data_slice): a few checkpoints, a
+# small evaluation, no input example at registration (MLflow would load the model once to predict it).
+QUICK_RUN = [*DEMO_SLICE_VALIDATION, "training.max_steps=20", "training.save_steps=5", "training.logging_steps=5",
              "evaluation.max_rows=8", "evaluation.bootstrap_resamples=100", "registry.log_input_example=false",
              "registry.request_max_retries=0"]
 STEPS = 20
@@ -234,22 +232,11 @@ def test_only_runs_of_dead_processes_on_this_machine_are_marked_killed(make_conf
 # Whole pipeline runs as real processes
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
-def pipeline_overrides(demo_assets, mlflow_uri, tmp_path) -> Callable[..., list[str]]:
+def pipeline_overrides(demo_assets, demo_data_slice, mlflow_uri, tmp_path) -> Callable[..., list[str]]:
     """Overrides for a quick pipeline run into tmp_path/out, tracked in the test's sqlite store."""
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(demo_assets.data_path.read_text().splitlines()[:SLICE_ROWS]) + "\n")
-
     def overrides(*extra: str) -> list[str]:
-        return [f"data.path={data}", f"model.name_or_path={demo_assets.model_dir.resolve()}",
+        return [f"data.path={demo_data_slice}", f"model.name_or_path={demo_assets.model_dir.resolve()}",
                 f"training.output_dir={tmp_path / 'out'}", f"registry.tracking_uri={mlflow_uri}", *QUICK_RUN, *extra]
 
     return overrides

@@ -1,7 +1,8 @@
 """The hyper-parameter search flow `qlora-sweep` on the demo: real Optuna studies in sqlite, real tiny
 QLoRA trials, real MLflow stores, a real Prefect server (prefect_test_harness), a real kill -9.
 
-Trials are tiny (12 steps, 8 evaluation rows) so the file stays within a few minutes on 2 cores.
+Trials are tiny (12 steps, 8 evaluation rows; the study tests on the 400-row demo slice) so the file
+stays within a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, demo_overrides
+from tests.conftest import DEMO_SLICE_VALIDATION, REPO_ROOT, demo_overrides
 
 SWEEP_CONFIG = REPO_ROOT / "configs" / "demo-sweep.yaml"
 TINY_TRIALS = ["training.max_steps=12", "training.eval_steps=6", "training.save_steps=6",
@@ -27,37 +28,48 @@ TINY_TRIALS = ["training.max_steps=12", "training.eval_steps=6", "training.save_
 GRID_2X2 = "sweep.space={lora.r: [4, 8], training.learning_rate: [1.0e-3, 3.0e-3]}"
 
 
-@pytest.fixture(scope="module")
-def prefect_api_url():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
-def sweep_overrides(demo_assets, tmp_path: Path, *extra: str) -> list[str]:
-    """The tiny-trial demo sweep in tmp_path. Its MLflow store, tmp_path/mlflow.db, is the one the `mlflow_uri`
-    fixture copies there already migrated: a test that runs a sweep asks for that fixture, so that no sweep
-    pays for MLflow's schema migrations."""
-    return demo_overrides(demo_assets, tmp_path, *TINY_TRIALS, *extra)
+def sweep_overrides(demo_assets, tmp_path: Path, *extra: str, data: Path | None = None) -> list[str]:
+    """The tiny-trial demo sweep in tmp_path, on `data` (the conftest demo_data_slice) when given: these
+    tests are about the study, not the data. Its MLflow store, tmp_path/mlflow.db, is the one the
+    `mlflow_uri` fixture copies there already migrated: a test that runs a sweep asks for that fixture, so
+    that no sweep pays for MLflow's schema migrations."""
+    sliced = [f"data.path={data}", *DEMO_SLICE_VALIDATION] if data else []
+    return demo_overrides(demo_assets, tmp_path, *TINY_TRIALS, *sliced, *extra)
 
 
-def load_study(tmp_path: Path, name: str = "demo-qlora-adapter-sweep"):
+STUDY = "demo-qlora-adapter-sweep"
+
+
+def load_study(tmp_path: Path, name: str = STUDY):
     import optuna
 
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
 
 
-def trials_in(tmp_path: Path, state) -> list:
-    """The study's trials in `state` (none while there is no study yet)."""
-    if not (tmp_path / "optuna.db").exists():
+def study_trials(tmp_path: Path) -> list:
+    """The study's trials (FrozenTrial), or [] while the sweep has not created it yet.
+
+    Read-only until the study's row is there: Optuna opening a storage creates missing tables and stamps
+    the schema version, so opening it while the sweep creates it races the sweep (one of the two fails
+    with "table ... already exists" or a UNIQUE constraint on alembic_version).
+    """
+    import sqlite3
+    from contextlib import closing
+
+    db = tmp_path / "optuna.db"
+    if not db.exists():
         return []
     try:
-        study = load_study(tmp_path)
-    except KeyError:  # the database exists, the study not yet
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
+            created = connection.execute("SELECT 1 FROM studies WHERE study_name = ?", (STUDY,)).fetchone()
+    except sqlite3.OperationalError:  # no tables yet
         return []
-    return study.get_trials(states=(state,))
+    return load_study(tmp_path).get_trials() if created else []
+
+
+def trials_in(tmp_path: Path, state) -> list:
+    """The study's trials in `state` (none while there is no study yet)."""
+    return [t for t in study_trials(tmp_path) if t.state == state]
 
 
 def completed(tmp_path: Path) -> dict[int, object]:
@@ -76,7 +88,7 @@ def training(tmp_path: Path) -> dict[int, str]:
 
 
 def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_the_best(
-        prefect_api_url, demo_assets, tmp_path, mlflow_uri):
+        prefect_server, demo_assets, demo_data_slice, tmp_path, mlflow_uri):
     """A 2x2 grid sweep is killed (-9) after 2 finished trials, while the third trains; the rerun continues
     the same study, runs only the 2 missing grid points (the interrupted one in its own MLflow run, reopened
     and owned by the rerun), logs 4 child runs and registers the best trial with the study tags."""
@@ -84,11 +96,11 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
 
     from flows.sweep import sweep_flow
 
-    overrides = sweep_overrides(demo_assets, tmp_path, GRID_2X2, "sweep.pruner=none")
+    overrides = sweep_overrides(demo_assets, tmp_path, GRID_2X2, "sweep.pruner=none", data=demo_data_slice)
     command = [sys.executable, "-m", "flows.cli", "sweep", "--config", str(SWEEP_CONFIG)]
     for item in overrides:
         command += ["--set", item]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PREFECT_API_URL": prefect_api_url,
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PREFECT_API_URL": prefect_server,
            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
     log = (tmp_path / "killed-sweep.log").open("w")
     sweep = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -141,14 +153,15 @@ def test_grid_killed_after_two_trials_resumes_runs_only_the_rest_and_registers_t
     assert version.tags["adapter_sha256"] == study.best_trial.user_attrs["adapter_sha256"]
 
 
-def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_url, demo_assets, tmp_path, mlflow_uri):
+def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_server, demo_assets, demo_data_slice,
+                                                                   tmp_path, mlflow_uri):
     from flows.sweep import sweep_flow
 
     overrides = sweep_overrides(demo_assets, tmp_path, "sweep.space={training.learning_rate: [3.0e-3, 1.0e-7]}",
                                 # seed 1: Optuna's grid order runs 3e-3 first, the one startup trial
                                 "sweep.n_trials=2", "sweep.seed=1", "sweep.pruner=median",
                                 "sweep.pruner_startup_trials=1",
-                                "sweep.register_best=false")
+                                "sweep.register_best=false", data=demo_data_slice)
     outcome = sweep_flow(config_path=str(SWEEP_CONFIG), overrides=overrides)
     states = {row["training.learning_rate"]: row["state"] for row in outcome.trials}
     assert states == {3e-3: "complete", 1e-7: "pruned"}
@@ -157,14 +170,14 @@ def test_median_pruner_stops_a_trial_with_a_hopeless_learning_rate(prefect_api_u
     assert json.loads(summary)["global_step"] < 12, "a pruned trial must stop training at once"
 
 
-def test_cv_folds_report_the_mean_and_the_spread(prefect_api_url, demo_assets, tmp_path, mlflow_uri):
+def test_cv_folds_report_the_mean_and_the_spread(prefect_server, demo_assets, demo_data_slice, tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
     from flows.sweep import sweep_flow
 
     overrides = sweep_overrides(demo_assets, tmp_path, "sweep.space={training.learning_rate: [3.0e-3]}",
                                 "sweep.n_trials=1", "sweep.cv_folds=2", "sweep.pruner=none",
-                                "sweep.register_best=false")
+                                "sweep.register_best=false", data=demo_data_slice)
     outcome = sweep_flow(config_path=str(SWEEP_CONFIG), overrides=overrides)
     (trial,) = load_study(tmp_path).trials
     folds = trial.user_attrs["fold_values"]
@@ -250,7 +263,7 @@ def overlap(intervals: list[tuple]) -> bool:
     return max(start for start, _ in intervals) < min(end for _, end in intervals)
 
 
-def test_parallel_trials_run_at_the_same_time(prefect_api_url, demo_assets, tmp_path, mlflow_uri):
+def test_parallel_trials_run_at_the_same_time(prefect_server, demo_assets, demo_data_slice, tmp_path, mlflow_uri):
     """sweep.parallel: 2 runs both trials at once (their MLflow runs and Prefect task runs overlap), the study
     holds both, and running at once changes neither: two trials of the same values reach the same value."""
     import asyncio
@@ -263,7 +276,7 @@ def test_parallel_trials_run_at_the_same_time(prefect_api_url, demo_assets, tmp_
     # one choice, two trials: both train the same config, each beside the other
     overrides = sweep_overrides(demo_assets, tmp_path, "sweep.space={training.learning_rate: [3.0e-3]}",
                                 "sweep.sampler=random", "sweep.n_trials=2", "sweep.parallel=2", "sweep.pruner=none",
-                                "sweep.register_best=false")
+                                "sweep.register_best=false", data=demo_data_slice)
     state = sweep_flow(config_path=str(SWEEP_CONFIG), overrides=overrides, return_state=True)
     assert state.is_completed(), state.message
     outcome = state.result()
@@ -304,14 +317,14 @@ if __name__ == "__main__":
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
-def test_parallel_trial_processes_die_with_the_sweep(prefect_api_url, tmp_path):
+def test_parallel_trial_processes_die_with_the_sweep(prefect_server, tmp_path):
     """A sweep killed with -9 (its process alone, as the out-of-memory killer does) takes its parallel trial
     processes with it: left alive they would train on into folders the rerun resumes. The slot here holds a
     sleeping task instead of a trial, to keep the test cheap; the runner is the sweep's own."""
     import psutil
 
     pid_file = tmp_path / "trial.pid"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PREFECT_API_URL": prefect_api_url}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PREFECT_API_URL": prefect_server}
     sweep = subprocess.Popen([sys.executable, "-c", HOLD_A_TRIAL_SLOT, str(pid_file)], cwd=REPO_ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "sweep.log").open("w"),
                              start_new_session=True)

@@ -68,7 +68,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(make_config, tmp_path)
     config = make_config("training.max_steps=6", "training.save_steps=3", "training.logging_steps=1",
                          output_dir=tmp_path / "run")
     splits = load_splits(config.data)
-    splits.eval = splits.eval[:16]
+    splits.train, splits.eval = splits.train[:96], splits.eval[:16]  # the 6 batches of 16 it trains on
     _, plan = check_gpu(config)
     with pytest.raises(KeyboardInterrupt):
         train(config, plan, splits, callbacks=[StopAfterFirstCheckpoint()])
@@ -135,7 +135,7 @@ def test_a_finished_run_is_not_resumed_and_another_setup_does_not_reuse_checkpoi
     """Nightly runs share an output dir: tomorrow must train again, and never continue other data's weights."""
     config = make_config("training.max_steps=4", "training.save_steps=2", output_dir=tmp_path / "run")
     splits = load_splits(config.data)
-    splits.eval = splits.eval[:8]
+    splits.train, splits.eval = splits.train[:64], splits.eval[:8]  # 4 batches of 16, tokenized by each of the 4 runs
     _, plan = check_gpu(config)
     train(config, plan, splits)
     again = train(config, plan, splits)

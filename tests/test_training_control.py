@@ -136,11 +136,13 @@ def test_out_of_memory_at_step_30_replans_and_finishes_the_configured_steps(make
 
     monkeypatch.setenv(tasks.oom.FAULT_OOM_ENV, "30")
     monkeypatch.setattr(tasks.oom, "_injected_at_steps", set())
-    config = make_config("training.max_steps=40", "training.save_steps=10", "training.logging_steps=10",
+    # just past the injected step: checkpoints at 8, 16 and 24 before it, so the re-planned run resumes
+    # from 24 and trains 8 steps (batch 8 x 2) to the configured 32
+    config = make_config("training.max_steps=32", "training.save_steps=8", "training.logging_steps=8",
                          "training.per_device_batch_size=16", "training.gradient_accumulation_steps=1",
                          output_dir=tmp_path / "run")
     splits = load_splits(config.data)
-    splits.eval = splits.eval[:8]
+    splits.train, splits.eval = splits.train[:512], splits.eval[:8]  # 32 batches of 16: no unused rows tokenized
     _, plan = check_gpu(config)
     assert (plan.per_device_batch_size, plan.gradient_accumulation_steps) == (16, 1)
     told = []
@@ -149,7 +151,7 @@ def test_out_of_memory_at_step_30_replans_and_finishes_the_configured_steps(make
     summary = result.summary
     assert summary.global_step == config.training.max_steps
     (change,) = summary.replans
-    assert change["at_step"] == 30 and change["resumed_from_step"] == 20
+    assert change["at_step"] == 30 and change["resumed_from_step"] == 24
     assert change["before"] == {"per_device_batch_size": 16, "gradient_accumulation_steps": 1,
                                 "gradient_checkpointing": plan.gradient_checkpointing}
     assert change["after"] == {"per_device_batch_size": 8, "gradient_accumulation_steps": 2,
@@ -161,9 +163,9 @@ def test_out_of_memory_at_step_30_replans_and_finishes_the_configured_steps(make
     # resumed as the same setup: the checkpoints were continued, not moved aside as another setup's
     run = tmp_path / "run"
     assert not list(run.glob(f"{CHECKPOINT_DIRNAME}.stale-*"))
-    state = json.loads((run / CHECKPOINT_DIRNAME / "checkpoint-40" / "trainer_state.json").read_text())
+    state = json.loads((run / CHECKPOINT_DIRNAME / "checkpoint-32" / "trainer_state.json").read_text())
     # (state["train_batch_size"] stays 16: transformers keeps the resumed checkpoint's value; the split is the plan's)
-    assert [e["step"] for e in state["log_history"] if "loss" in e] == [10, 20, 30, 40]
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [8, 16, 24, 32]
     recorded = json.loads((result.adapter_dir / SUMMARY_FILE).read_text())
     assert json.loads(training_outcome_tags(recorded)["training.replans"]) == [change]
 

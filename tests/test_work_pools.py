@@ -216,15 +216,6 @@ async def check_template(pool_type: str, template: dict[str, Any], values: dict[
     await render_check(template, values or {}, expected or Expected(gpus=default_gpus))
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    """A temporary Prefect server: the job configuration classes resolve templates through the API."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 # --- tests --------------------------------------------------------------------------------------------------
 
 
