@@ -223,9 +223,9 @@ def test_a_replan_is_recorded_in_the_pipeline_run_as_it_happens(make_config, mlf
 
 
 def test_compile_reaches_the_trainer_and_a_compiled_run_resumes_an_eager_one(make_config, tmp_path) -> None:
-    """`training.compile` turns on the Trainer's own torch.compile (a real compiled run is benchmark 1c,
-    `make bench`: compiling takes minutes on the CPU); it changes kernels, not what is trained, so a
-    checkpoint written eagerly stays resumable with it on."""
+    """`training.compile` turns on the Trainer's own torch.compile (a compiled run: the test below, and
+    benchmark 1c for its speed); it changes kernels, not what is trained, so a checkpoint written eagerly
+    stays resumable with it on."""
     from tasks.train import training_arguments
 
     config = make_config()
@@ -236,3 +236,21 @@ def test_compile_reaches_the_trainer_and_a_compiled_run_resumes_an_eager_one(mak
     assert training_arguments(config, plan, tmp_path, 10).torch_compile is False
     splits = load_splits(config.data)
     assert training_setup_hash(config, plan, splits) == training_setup_hash(compiled, plan, splits)
+
+
+def test_a_compiled_run_trains_like_an_eager_one(make_config, demo_data_slice, tmp_path) -> None:
+    """training.compile=true for real: the Trainer compiles the 4-bit peft model (torch.compile) and trains;
+    same data and seed as an eager run, so the same losses up to kernel rounding."""
+    from dataclasses import replace
+
+    runs = {}
+    for compiled in (False, True):
+        config = make_config(f"data.path={demo_data_slice}", "training.max_steps=3", "training.save_steps=3",
+                             "training.logging_steps=1", "training.packing=false", "evaluation.max_rows=8",
+                             f"training.compile={str(compiled).lower()}", "training.resume=false",
+                             output_dir=tmp_path / f"compiled-{compiled}")
+        _, plan = check_gpu(config)
+        splits = load_splits(config.data)
+        runs[compiled] = train(config, plan, replace(splits, eval=splits.eval[:8])).summary
+    assert runs[True].global_step == runs[False].global_step == 3
+    assert runs[True].train_loss == pytest.approx(runs[False].train_loss, rel=1e-3)
