@@ -7,11 +7,11 @@ LoRA starts: fresh (the default) or from the champion's weights. A Trainer callb
 the same eval rows every `every` optimizer steps (and before the first), with the pipeline's own
 `generate` and BLEU metric, so the curves are on evaluation's scale. Reported: both curves, the
 champion's own BLEU on those rows, and the first scored step at which each run reaches it.
+Run it with `python -m bench.run --sections warm_start` (sizes: bench.run.FULL).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -110,27 +110,3 @@ def warm_start_benchmark(assets: DemoAssets, work: Path, champion_steps: int, st
         "steps_to_champion_bleu": {name: first_reaching(points, champion_bleu) for name, points in curves.items()},
         "wall_s": {"champion": champion_s, **wall},
     }
-
-
-def main() -> None:
-    """`python -m bench.warm_start [--out FILE]`: run benchmark 7 alone (it is also a `bench.run` section)."""
-    import argparse
-    import tempfile
-
-    from configs.paths import project_dir
-    from tasks.demo_assets import build_demo_assets
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
-    args = parser.parse_args()
-    assets = build_demo_assets(project_dir() / ".cache" / "demo")
-    with tempfile.TemporaryDirectory(prefix="qlora-warm-") as work:
-        result = warm_start_benchmark(assets, Path(work), 400, 200, 25, 64, 1000, 3.0, 1.0)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-
-
-if __name__ == "__main__":
-    main()
