@@ -36,6 +36,13 @@ def check_adapter_source(value: str) -> str:
     return value.rstrip("/")
 
 
+def strings_as_entries(value: Any, key: str) -> Any:
+    """A list whose plain-string items stand for `{key: item}` (the short form of a list of sections)."""
+    if isinstance(value, list):
+        return [{key: item} if isinstance(item, str) else item for item in value]
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -112,9 +119,7 @@ class DataConfig(_Section):
     @classmethod
     def _plain_sources(cls, value: Any) -> Any:
         """A plain string entry is a source of weight 1."""
-        if isinstance(value, list):
-            return [{"path": item} if isinstance(item, str) else item for item in value]
-        return value
+        return strings_as_entries(value, "path")
 
     @model_validator(mode="after")
     def _one_way_to_name_the_data(self) -> DataConfig:
@@ -444,9 +449,7 @@ class ServingConfig(_Section):
     @classmethod
     def _plain_sources(cls, value: Any) -> Any:
         """A plain string entry is a source with the default name."""
-        if isinstance(value, list):
-            return [{"source": item} if isinstance(item, str) else item for item in value]
-        return value
+        return strings_as_entries(value, "source")
 
     @model_validator(mode="after")
     def _check_models(self) -> ServingConfig:

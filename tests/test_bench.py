@@ -71,7 +71,6 @@ def test_quick_run_writes_every_figure(quick_run) -> None:
     assert results["training_step"]["setup"]["parameters"] > 0
     warm = results["warm_start"]
     assert [p["step"] for p in warm["curves"]["fresh"]] == [0, 1, 2] == [p["step"] for p in warm["curves"]["warm"]]
-    assert warm["champion_bleu"] == warm["curves"]["warm"][0]["bleu"]  # the warm run starts as the champion
     assert [row["section"] for row in results["summary"]] == ["training", "training", "training_step", "packing",
                                                               "memory", "evaluation", "warm_start"]
 
