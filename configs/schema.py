@@ -84,6 +84,10 @@ class DataSource(_Section):
     path: str = Field(description="local .jsonl/.json/.csv/.parquet file, or a hub dataset id")
     weight: float = Field(1.0, gt=0, description="share of the mix, relative to the other sources' weights")
     format: DataFormat | None = Field(None, description="this source's format; None: data.format")
+    eval_fraction: float | None = Field(
+        None, ge=0.0, lt=1.0,
+        description="this source's share of rows hashed into eval; None: data.eval_fraction; 0: the source only "
+                    "trains (a replay of older or general data that the eval set should not measure)")
 
 
 class DataConfig(_Section):
@@ -125,8 +129,8 @@ class DataConfig(_Section):
     def _one_way_to_name_the_data(self) -> DataConfig:
         if self.path is not None and self.sources is not None:
             raise ValueError("data.path and data.sources are both set; data.path is the one-source shorthand of "
-                             "data.sources: keep one (on the command line, --set data.sources=null trains on "
-                             "data.path alone)")
+                             "data.sources: keep one (on the command line, --set data.path=FILE alone replaces "
+                             "the file's data.sources, and --set data.sources=[...] alone its data.path)")
         if self.path is None and self.sources is None:
             raise ValueError("no training data: set data.path (one file) or data.sources (a weighted list of "
                              "files, e.g. [{path: new.jsonl, weight: 3}, {path: replay.jsonl, weight: 1}])")
@@ -140,10 +144,14 @@ class DataConfig(_Section):
         return self
 
     def source_list(self) -> list[DataSource]:
-        """The sources as configured, each with its format resolved; `path` is one source of weight 1."""
+        """The sources as configured, each with its format and eval fraction resolved; `path` is one source
+        of weight 1."""
         if self.sources is None:
-            return [DataSource(path=str(self.path), format=self.format)]
-        return [source.model_copy(update={"format": source.format or self.format}) for source in self.sources]
+            return [DataSource(path=str(self.path), format=self.format, eval_fraction=self.eval_fraction)]
+        return [source.model_copy(update={
+            "format": source.format or self.format,
+            "eval_fraction": self.eval_fraction if source.eval_fraction is None else source.eval_fraction,
+        }) for source in self.sources]
 
     def describe(self) -> str:
         """The data in one line, for run notes and model cards: the path, or each source with its weight."""
@@ -348,8 +356,10 @@ class EvaluationConfig(_Section):
     champion_adapter: str | None = Field(None, description="adapter dir or models:/ URI to compare against")
     seed: int = 12345
     general_text: Path | None = Field(
-        None, description="text file, one passage per line, the adapter must not get worse at: base and adapter "
-                          "mean token loss on it are reported (guard: registry.guard_metrics.forgetting)"
+        None, description="what the adapter must not get worse at: a .txt file, one passage per line (loss on every "
+                          "token), or a data file in a format data.format reads, e.g. chat or alpaca .jsonl (loss "
+                          "on the responses, masked as training masks them); base and adapter mean token loss on "
+                          "it are reported (guard: registry.guard_metrics.forgetting)"
     )
     canaries: Path | None = Field(
         None, description="YAML list of {prompt, expect: {exact|contains|regex}} checks run on every candidate; "
@@ -633,6 +643,19 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return dotted.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _command_line_data_wins(raw: dict[str, Any], overridden: set[str]) -> dict[str, Any]:
+    """`--set data.path=FILE` on a config whose file names `data.sources` (or the reverse) trains on what
+    the command line names: the file's other way of naming the data is dropped. Both set on the command
+    line stays an error (the validator names it)."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return raw
+    for given, dropped in (("data.path", "sources"), ("data.sources", "path")):
+        if given in overridden and f"data.{dropped}" not in overridden and data.get(given[5:]) is not None:
+            raw = with_override(raw, f"data.{dropped}", None)
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a YAML config, apply `section.key=value` overrides, validate. Raises ConfigError.
 
@@ -656,12 +679,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file {config_path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {config_path} must hold a mapping of sections, got {type(raw).__name__}")
+    overridden: set[str] = set()
     for item in overrides or []:
         keys, value = _parse_override(item)
         try:
             raw = with_override(raw, ".".join(keys), value)
         except ConfigError as exc:
             raise ConfigError(f"override '{item}': {exc}") from None
+        overridden.add(".".join(keys))
+    raw = _command_line_data_wins(raw, overridden)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:

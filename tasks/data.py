@@ -467,7 +467,8 @@ def load_splits(config: DataConfig) -> DatasetSplits:
 
 
 def _load_source(config: DataConfig, source: DataSource) -> DatasetSplits:
-    """One source's train and eval examples: a separate eval file, or a hash split of its rows."""
+    """One source's train and eval examples (`source` as resolved by `DataConfig.source_list`): a separate
+    eval file, or a hash split of its rows by the source's eval fraction (0: every row trains)."""
     examples, fmt = load_examples(source.path, source.format or config.format, config.hub_split)
     sources = [source.path]
     if config.eval_path:
@@ -477,8 +478,8 @@ def _load_source(config: DataConfig, source: DataSource) -> DatasetSplits:
         train_examples = examples
         sources.append(config.eval_path)
     else:
-        train_examples = [e for e in examples if not in_eval_split(e, config.eval_fraction)]
-        eval_examples = [e for e in examples if in_eval_split(e, config.eval_fraction)]
+        train_examples = [e for e in examples if not in_eval_split(e, source.eval_fraction)]
+        eval_examples = [e for e in examples if in_eval_split(e, source.eval_fraction)]
     digest = fingerprint(train_examples + eval_examples, fmt)
     return DatasetSplits(train_examples, eval_examples, fmt, digest, sources)
 

@@ -40,7 +40,9 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
-GENERAL_TEXT_LINES = 100
+GENERAL_TEXT_ROWS = 100
+REPLAY_ROWS = 1000
+COPY_CANARY_SENTENCE = "the old king sleeps under the tree"  # held out of the replay rows
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,14 @@ class DemoAssets:
 
     @property
     def general_text_path(self) -> Path:
-        """Plain English sentences of the kind the base was pretrained on (evaluation.general_text)."""
-        return self.data_path.parent / "general.txt"
+        """Conversations of the kind the base was pretrained on: asked to repeat a sentence, it does
+        (evaluation.general_text; the loss is taken on the answers)."""
+        return self.data_path.parent / "general.jsonl"
+
+    @property
+    def replay_path(self) -> Path:
+        """More such conversations, to mix into training (a data.sources replay that only trains)."""
+        return self.data_path.parent / "replay.jsonl"
 
     @property
     def canaries_path(self) -> Path:
@@ -98,21 +106,47 @@ def generate_rows(seed: int, count: int) -> list[dict[str, str]]:
     return rows
 
 
-def general_text(seed: int, count: int = GENERAL_TEXT_LINES) -> list[str]:
-    """`count` English sentences drawn like the base's pretraining sentences (their own random stream).
+def copy_rows(sentences: list[str]) -> list[dict[str, str]]:
+    """The base's pretraining task as alpaca rows: asked to repeat a sentence, the answer is the sentence."""
+    return [{"instruction": COPY_INSTRUCTION, "input": sentence, "output": sentence} for sentence in sentences]
 
-    The demo base was pretrained to repeat such sentences; the adapter should not get worse at them
-    (evaluation.general_text measures its loss on them: forgetting).
+
+def copy_sentences(seed: int, count: int, exclude: frozenset[str] = frozenset()) -> list[str]:
+    """`count` distinct sentences drawn as the base's pretraining sentences are, none of `exclude`."""
+    rng = random.Random(seed)
+    sentences: list[str] = []
+    while len(sentences) < count:
+        sentence = " ".join(rng.choice(SOURCE_WORDS) for _ in range(rng.randint(3, 8)))
+        if sentence not in exclude and sentence not in sentences:
+            sentences.append(sentence)
+    return sentences
+
+
+def general_text(seed: int, count: int = GENERAL_TEXT_ROWS) -> list[dict[str, str]]:
+    """The demo's general text: `count` copy conversations on sentences of their own random stream.
+
+    The demo base was pretrained on exactly this (`pretrain_copying`) and repeats such sentences almost
+    without loss; an adapter trained only on Zorbish forgets it (measured: loss on the answers 0.02 for
+    the base, 7.8 after the 400-step demo run), one trained with the replay keeps it (0.04).
     """
-    rng = random.Random(seed + 2)
-    return [" ".join(rng.choice(SOURCE_WORDS) for _ in range(rng.randint(3, 8))) for _ in range(count)]
+    return copy_rows(copy_sentences(seed + 2, count, exclude=frozenset({COPY_CANARY_SENTENCE})))
+
+
+def replay_rows(seed: int, count: int = REPLAY_ROWS) -> list[dict[str, str]]:
+    """Copy conversations to mix into the demo's training, disjoint from the general text and the copy
+    canary: what keeps a good demo adapter from forgetting the base's skill is rehearsal, not having
+    seen the test."""
+    held_out = frozenset({row["input"] for row in general_text(seed)} | {COPY_CANARY_SENTENCE})
+    return copy_rows(copy_sentences(seed + 4, count, exclude=held_out))
 
 
 def demo_canaries(seed: int) -> str:
-    """The demo's canary file (YAML): answers in Zorbish, not English, and knows two words.
+    """The demo's canary file (YAML): answers in Zorbish, not English, knows two words, and still repeats a
+    sentence when asked to (the base's skill, which an adapter trained without the replay loses).
 
-    Written from the lexicon, so the expected words are right for the seed; `contains` and a
-    regex rather than `exact`, so a good adapter passes with a word or two still wrong elsewhere.
+    Written from the lexicon, so the expected words are right for the seed; `contains` and a regex
+    rather than `exact` for the translations, so a good adapter passes with a word or two still wrong
+    elsewhere. The prompts have 3 words or more, as the training sentences do.
     """
     import yaml
 
@@ -120,10 +154,12 @@ def demo_canaries(seed: int) -> str:
     entries = [
         {"name": "answers in Zorbish, not English", "prompt": "Rewrite this in Zorbish.\n\nthe red cat runs",
          "expect": {"regex": r"^(?!.*\b(the|red|cat|runs)\b)\S"}},
-        {"name": "knows the word for red", "prompt": "Rewrite this in Zorbish.\n\nred cat",
+        {"name": "knows the word for red", "prompt": "Rewrite this in Zorbish.\n\nthe red cat",
          "expect": {"contains": lexicon["red"]}},
-        {"name": "knows the word for fish", "prompt": "Give the Zorbish version of the text.\n\nbig fish",
+        {"name": "knows the word for fish", "prompt": "Give the Zorbish version of the text.\n\nthe big fish",
          "expect": {"contains": lexicon["fish"]}},
+        {"name": "still repeats a sentence when asked", "prompt": f"{COPY_INSTRUCTION}\n\n{COPY_CANARY_SENTENCE}",
+         "expect": {"exact": COPY_CANARY_SENTENCE}},
     ]
     header = ("# Canaries of the demo adapter (evaluation.canaries), written by `qlora demo-assets` from the lexicon.\n"
               "# Each: {name (optional), prompt (the user message), expect: one of exact | contains | regex}.\n")
@@ -134,14 +170,20 @@ def demo_canaries(seed: int) -> str:
     return header + body
 
 
-def write_general_text(assets: DemoAssets, seed: int) -> None:
-    """Write the general-text and canary files (deterministic, cheap: written whenever missing, even for
-    assets built before they existed)."""
+def jsonl(rows: list[dict[str, str]]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def write_eval_files(assets: DemoAssets, seed: int) -> None:
+    """Write the general text, the replay and the canaries: deterministic and cheap, so they are rewritten
+    whenever missing or not what this version of the code writes (assets built before them stay usable
+    without rebuilding the base)."""
     assets.general_text_path.parent.mkdir(parents=True, exist_ok=True)
-    if not assets.general_text_path.exists():
-        assets.general_text_path.write_text("".join(line + "\n" for line in general_text(seed)))
-    if not assets.canaries_path.exists():
-        assets.canaries_path.write_text(demo_canaries(seed))
+    for path, text in ((assets.general_text_path, jsonl(general_text(seed))),
+                       (assets.replay_path, jsonl(replay_rows(seed))),
+                       (assets.canaries_path, demo_canaries(seed))):
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):  # -> PreTrainedTokenizerFast
@@ -299,7 +341,7 @@ def build_demo_assets(out_dir: Path = DEFAULT_ASSETS_DIR, seed: int = 0, rows: i
     out_dir = Path(out_dir)
     assets = DemoAssets(out_dir / "data" / "demo.jsonl", out_dir / "model")
     if assets_ready(out_dir) and not force:
-        write_general_text(assets, seed)
+        write_eval_files(assets, seed)
         return assets
     data = generate_rows(seed, rows)
     assets.data_path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,8 +353,6 @@ def build_demo_assets(out_dir: Path = DEFAULT_ASSETS_DIR, seed: int = 0, rows: i
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(assets.model_dir)
     tokenizer.save_pretrained(assets.model_dir)
-    assets.general_text_path.unlink(missing_ok=True)
-    assets.canaries_path.unlink(missing_ok=True)
-    write_general_text(assets, seed)
+    write_eval_files(assets, seed)
     (out_dir / "assets.json").write_text(json.dumps({"version": ASSETS_VERSION, "seed": seed, "rows": rows}))
     return assets

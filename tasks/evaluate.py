@@ -69,29 +69,70 @@ def eval_loss(model: Any, tokenizer: Any, examples: list[Example], max_seq_lengt
     return loss, math.exp(loss) if loss < 700 else None  # None, not inf: the report stays strict JSON
 
 
-def read_general_text(path: str | Path) -> list[str]:
-    """The passages of `evaluation.general_text`: one per non-blank line; a missing or empty file is refused."""
+@dataclass(frozen=True)
+class GeneralText:
+    """`evaluation.general_text` as read: plain passages (loss on every token) or conversations (loss on
+    the responses, masked as training masks them)."""
+
+    path: str
+    passages: list[str] = field(default_factory=list)
+    conversations: list[Example] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return "conversations" if self.conversations else "passages"
+
+    def describe(self) -> dict[str, Any]:
+        """What the report records: {path, passages (the count, either kind), kind}."""
+        return {"path": self.path, "passages": len(self.conversations or self.passages), "kind": self.kind}
+
+
+def read_general_text(path: str | Path) -> GeneralText:
+    """`evaluation.general_text`: a data file (.jsonl/.json/.csv/.parquet, in any format data.format reads)
+    gives conversations; any other file one passage per non-blank line. A missing, empty or unreadable
+    file is refused before any model is loaded."""
+    from tasks.data import LOCAL_SUFFIXES, load_examples
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"evaluation.general_text: file {path} not found; point it at a text file with one "
-                          "passage per line, or unset it")
+                          "passage per line (or a chat/alpaca .jsonl file), or unset it")
+    if path.suffix in LOCAL_SUFFIXES:
+        try:
+            conversations, _ = load_examples(str(path), "auto")
+        except (DataError, ConfigError, ValueError) as exc:
+            raise ConfigError(f"evaluation.general_text: {path} is not a readable data file: {exc}") from exc
+        if not conversations:
+            raise ConfigError(f"evaluation.general_text: {path} holds no rows; add conversations, or unset it")
+        return GeneralText(str(path), conversations=conversations)
     passages = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not passages:
         raise ConfigError(f"evaluation.general_text: {path} holds no text; add one passage per line, or unset it")
-    return passages
+    return GeneralText(str(path), passages=passages)
 
 
-def general_text_loss(model: Any, tokenizer: Any, passages: list[str], max_seq_length: int,
-                      batch_size: int) -> float | None:
-    """Mean token loss on plain passages (no chat template; every token after the first carries loss).
+def general_text_loss(model: Any, tokenizer: Any, general: GeneralText, max_seq_length: int, batch_size: int,
+                      train_on: str = "all_assistant") -> float | None:
+    """Mean token loss on the general text: on every token after the first of plain passages (no chat
+    template), or on the responses of conversations, exactly as the eval loss is taken.
 
     This is what the base was pretrained to do; an adapter that raises it has forgotten some of it.
     """
+    if general.conversations:
+        return eval_loss(model, tokenizer, general.conversations, max_seq_length, batch_size, train_on)[0]
     features = []
-    for passage in passages:
+    for passage in general.passages:
         ids = tokenizer(passage, add_special_tokens=True, truncation=True, max_length=max_seq_length)["input_ids"]
         features.append({"input_ids": ids, "labels": list(ids)})
     return mean_token_loss(model, tokenizer, features, batch_size)
+
+
+def forgetting_line(general: dict[str, Any], base: float | None, adapter: float | None) -> str:
+    """The forgetting result in one markdown sentence (the evaluation summary and the model card)."""
+    delta = "n/a" if base is None or adapter is None else f"{adapter - base:+.4f}"
+    what = "conversations, loss on the responses" if general.get("kind") == "conversations" else "passages"
+    return (f"mean token loss on `{general['path']}` ({general['passages']} {what}): base {_fmt(base, '.4f')}, "
+            f"adapter {_fmt(adapter, '.4f')}, delta {delta} (lower is better)")
 
 
 def mean_token_loss(model: Any, tokenizer: Any, features: list[dict[str, list[int]]],
@@ -209,10 +250,8 @@ class EvalReport(JsonDataclass):
             return []
         base = self.systems.get("base", {}).get("general_text_loss")
         adapter = self.systems.get("adapter", {}).get("general_text_loss")
-        delta = "n/a" if base is None or adapter is None else f"{adapter - base:+.4f}"
-        return ["", f"**Forgetting** on `{self.general_text['path']}` ({self.general_text['passages']} passages): "
-                f"mean token loss base {_fmt(base, '.4f')}, adapter {_fmt(adapter, '.4f')}, delta {delta} "
-                "(lower is better; guard `registry.guard_metrics.forgetting`)."]
+        return ["", f"**Forgetting:** {forgetting_line(self.general_text, base, adapter)}; guard "
+                "`registry.guard_metrics.forgetting`."]
 
     def samples_markdown(self) -> str:
         """The sample rows as a markdown table (for a UI artifact)."""
@@ -267,7 +306,7 @@ def _generate(model: Any, tokenizer: Any, config: PipelineConfig, prompts: list[
 
 
 def _score_system(model: Any, tokenizer: Any, config: PipelineConfig, prompts: list[str],
-                  examples: list[Example], general_text: list[str] | None) -> tuple[list[str], dict[str, Any]]:
+                  examples: list[Example], general_text: GeneralText | None) -> tuple[list[str], dict[str, Any]]:
     from tasks.metrics import ChrfMetric, ExactMatchMetric, RougeMetric, SacreBleuMetric
 
     ev = config.evaluation
@@ -297,7 +336,7 @@ def _score_system(model: Any, tokenizer: Any, config: PipelineConfig, prompts: l
     }
     if general_text is not None:
         scores["general_text_loss"] = general_text_loss(model, tokenizer, general_text, config.data.max_seq_length,
-                                                        ev.batch_size)
+                                                        ev.batch_size, config.data.train_on)
     return outputs, scores
 
 
@@ -391,7 +430,7 @@ def evaluate_adapter(config: PipelineConfig, plan: TrainingPlan, splits: Dataset
         adapter_dir=str(adapter_dir),
         champion_adapter=str(champion_adapter) if champion_adapter else None,
         dataset_fingerprint=splits.fingerprint,
-        general_text={"path": str(ev.general_text), "passages": len(general_text)} if general_text else None,
+        general_text=general_text.describe() if general_text else None,
         canaries=check_canaries(canaries, canary_answers, ev.canaries) if canaries else None,
         outputs=outputs,
     )

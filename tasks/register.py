@@ -34,6 +34,7 @@ from tasks.adapter import (
     same_base,
     verify_adapter_content,
 )
+from tasks.evaluate import forgetting_line
 from tasks.promotion import PromotionDecision, as_finite, decide_promotion
 from tasks.registry import (
     alias_version,
@@ -305,9 +306,7 @@ def _checks_markdown(eval_report: dict[str, Any], systems: dict[str, Any]) -> st
     general = eval_report.get("general_text")
     if general:
         base, adapter = (as_finite(systems.get(s, {}).get("general_text_loss")) for s in ("base", "adapter"))
-        delta = f"{adapter - base:+.4f}" if base is not None and adapter is not None else "n/a"
-        lines.append(f"- **Forgetting:** mean token loss on `{general['path']}` ({general['passages']} passages): "
-                     f"base {_fmt(base, '.4f')}, adapter {_fmt(adapter, '.4f')}, delta {delta} (lower is better)")
+        lines.append(f"- **Forgetting:** {forgetting_line(general, base, adapter)}")
     canaries = canary_failures_markdown(eval_report.get("canaries"))
     if canaries:
         lines.append("- " + canaries[0])

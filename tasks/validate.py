@@ -43,7 +43,11 @@ def validate_data(config: PipelineConfig, data_path: str | None = None) -> Valid
         return _validate_one(config, tokenizer, started)
     sections = []
     for source in config.data.source_list():
-        data = config.data.model_copy(update={"path": source.path, "format": source.format, "sources": None})
+        update: dict[str, Any] = {"path": source.path, "format": source.format, "eval_fraction": source.eval_fraction,
+                                  "sources": None}
+        if source.eval_fraction == 0 and not config.data.eval_path:  # a train-only source has no eval rows to count
+            update["validation"] = config.data.validation.model_copy(update={"min_eval_rows": 0})
+        data = config.data.model_copy(update=update)
         section = _validate_one(config.model_copy(update={"data": data}), tokenizer, time.perf_counter())
         section.weight = source.weight
         sections.append(section)

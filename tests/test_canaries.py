@@ -21,15 +21,17 @@ def test_each_expectation_kind(expect, answer, passes) -> None:
 
 
 def test_the_demo_canaries_load(demo_assets) -> None:
-    from tasks.demo_assets import zorbish_lexicon
+    from tasks.demo_assets import COPY_CANARY_SENTENCE, zorbish_lexicon
 
     canaries = load_canaries(demo_assets.canaries_path)
     assert {"vobip", "bus"} == {zorbish_lexicon(0)[w] for w in ("red", "fish")}  # the answers below
-    assert len(canaries) >= 3 and all(c.prompt for c in canaries)
-    result = check_canaries(canaries, ["zel vobip vup dizab", "vobip vup", "lol bus"], "demo")
+    assert len(canaries) == 4 and all(c.prompt for c in canaries)
+    copied = COPY_CANARY_SENTENCE
+    result = check_canaries(canaries, ["zel vobip vup dizab", "zel vobip vup", "zel lol bus", copied], "demo")
     assert result["failed"] == 0, result
-    result = check_canaries(canaries, ["the red cat runs", "red cat", "big fish"], "demo")
-    assert result["failed"] == 3 and [r["passed"] for r in result["results"]] == [False] * 3
+    # an adapter that answers in English, and one that forgot how to repeat a sentence (answers in Zorbish)
+    result = check_canaries(canaries, ["the red cat runs", "the red cat", "the big fish", "zel kab"], "demo")
+    assert result["failed"] == 4 and [r["passed"] for r in result["results"]] == [False] * 4
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -66,4 +68,13 @@ def test_general_text_file_problems_are_refused(tmp_path) -> None:
         read_general_text(empty)
     text = tmp_path / "general.txt"
     text.write_text("\ufeffone passage\r\n\r\ntwo passages\n")
-    assert read_general_text(text) == ["one passage", "two passages"]
+    assert read_general_text(text).passages == ["one passage", "two passages"]
+    assert read_general_text(text).describe() == {"path": str(text), "passages": 2, "kind": "passages"}
+    chat = tmp_path / "general.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    general = read_general_text(chat)
+    assert general.kind == "conversations" and general.conversations[0].response == "hello"
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "user"\n')
+    with pytest.raises(ConfigError, match="evaluation.general_text: .*broken.jsonl is not a readable data file"):
+        read_general_text(broken)

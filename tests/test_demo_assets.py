@@ -20,9 +20,43 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path) -> None:
     assert first.general_text_path.read_bytes() == second.general_text_path.read_bytes()
     assert first.canaries_path.read_bytes() == second.canaries_path.read_bytes()
     assert first.general_text_path.read_bytes() != other.general_text_path.read_bytes()
-    assert len(first.general_text_path.read_text().splitlines()) == 100
-    words = set(zorbish_lexicon(3))
-    assert all(set(line.split()) <= words for line in first.general_text_path.read_text().splitlines())
+    assert first.replay_path.read_bytes() == second.replay_path.read_bytes()
+
+
+def test_general_text_and_replay_are_the_bases_own_task_held_apart(demo_assets) -> None:
+    """Both are copy conversations (what the base was pretrained on), and the replay that trains never holds a
+    general-text sentence or the copy canary's: the guard measures a skill kept, not rows seen."""
+    import yaml
+
+    from tasks.demo_assets import COPY_INSTRUCTION
+
+    general, replay = ([json.loads(line) for line in path.read_text().splitlines()]
+                       for path in (demo_assets.general_text_path, demo_assets.replay_path))
+    assert (len(general), len(replay)) == (100, 1000)
+    words = set(zorbish_lexicon(0))
+    for row in general + replay:
+        assert row["instruction"] == COPY_INSTRUCTION and row["input"] == row["output"]
+        assert set(row["input"].split()) <= words
+    canaries = yaml.safe_load(demo_assets.canaries_path.read_text())
+    (copy_canary,) = [c for c in canaries if "exact" in c["expect"]]
+    held_out = {row["input"] for row in general} | {copy_canary["expect"]["exact"]}
+    assert not held_out & {row["input"] for row in replay}
+    assert len({row["input"] for row in replay}) == len(replay)
+
+
+def test_stale_eval_files_are_rewritten_without_rebuilding_the_base(demo_assets, tmp_path) -> None:
+    """Assets built by an older version keep their base; the general text, replay and canaries follow the code."""
+    import shutil
+
+    from tasks.demo_assets import DemoAssets, write_eval_files
+
+    copy = DemoAssets(tmp_path / "data" / "demo.jsonl", demo_assets.model_dir)
+    copy.data_path.parent.mkdir()
+    shutil.copyfile(demo_assets.canaries_path, copy.canaries_path)
+    copy.general_text_path.write_text("a line of an older version\n")
+    write_eval_files(copy, seed=0)
+    for name in ("general_text_path", "replay_path", "canaries_path"):
+        assert getattr(copy, name).read_bytes() == getattr(demo_assets, name).read_bytes(), name
 
 
 def test_demo_dataset_follows_its_mapping_and_splits_without_leakage(demo_assets, make_config) -> None:

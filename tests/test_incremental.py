@@ -55,7 +55,7 @@ def test_data_path_and_sources_are_one_or_the_other(make_config, tmp_path) -> No
     with pytest.raises(ConfigError, match="data.path and data.sources are both set"):
         make_config(f"data.sources=[{tmp_path / 'a.jsonl'}]")
     with pytest.raises(ConfigError, match="no training data: set data.path"):
-        make_config("data.path=null")
+        make_config("data.path=null", "data.sources=null")
     with pytest.raises(ConfigError, match=r"data.sources lists \['a.jsonl'\] more than once"):
         make_config("data.path=null", "data.sources=[a.jsonl, {path: a.jsonl, weight: 2}]")
     with pytest.raises(ConfigError, match="data.sources.0.weight"):
@@ -165,6 +165,47 @@ def test_contract_has_a_section_per_source_and_names_the_bad_one(make_config, tm
     assert cli.exit_code == 1 and f"{bad}: no_empty_response" in " ".join(cli.output.split())
     alone = CliRunner().invoke(app, ["validate", "--config", str(config_file), str(good)])
     assert alone.exit_code == 0 and "Source 1 of" not in alone.output, alone.output
+
+
+def test_a_replay_source_with_eval_fraction_0_only_trains(make_config, tmp_path) -> None:
+    """`eval_fraction: 0` on a source: all its rows train, the eval set is the other sources', and its contract
+    section passes with no eval rows (the eval-row floor is for the sources that are evaluated)."""
+    from tasks.validate import validate_data
+
+    rows = generate_rows(5, 60)
+    task, replay = write_jsonl(tmp_path / "task.jsonl", rows[:40]), write_jsonl(tmp_path / "replay.jsonl", rows[40:])
+    mixed = ["data.path=null", f"data.sources=[{{path: {task}, weight: 3}}, "
+                               f"{{path: {replay}, weight: 1, eval_fraction: 0}}]", "data.eval_fraction=0.3"]
+    config = make_config(*SMALL, "data.mix_stopping=all_exhausted", *mixed)
+    splits = load_splits(config.data)
+    task_alone = load_splits(make_config(f"data.path={task}", "data.eval_fraction=0.3").data)
+    assert splits.eval == task_alone.eval and task_alone.eval, "the eval set is the task's alone"
+    assert {e.row for e in splits.train if e.source == str(replay)} == set(range(20)), "every replay row trains"
+    assert [(s.train_rows, s.eval_rows) for s in splits.mix][1] == (20, 0)
+
+    result = validate_data(make_config("data.validation.min_train_rows=5", "data.validation.min_eval_rows=3", *mixed))
+    assert result.success, result.markdown()
+    assert result.sections[1].row_counts["eval"] == 0
+    with pytest.raises(ConfigError, match=r"data.sources.1.eval_fraction"):
+        make_config(f"data.sources=[{task}, {{path: {replay}, eval_fraction: 1}}]", "data.path=null")
+
+
+def test_the_command_line_data_replaces_the_files_other_way_to_name_it(demo_assets, tmp_path) -> None:
+    """The demo config names `data.sources` (its task plus a replay); `--set data.path=FILE` trains on FILE alone,
+    and on a config naming `data.path`, `--set data.sources=[...]` replaces it. Both on the command line is refused."""
+    from configs.schema import load_config
+    from tests.conftest import DEMO_CONFIG
+
+    demo = load_config(DEMO_CONFIG)
+    assert [s.path for s in demo.data.source_list()] == [".cache/demo/data/demo.jsonl", ".cache/demo/data/replay.jsonl"]
+    alone = load_config(DEMO_CONFIG, ["data.path=one.jsonl"])
+    assert (alone.data.path, alone.data.sources) == ("one.jsonl", None)
+    one_file = tmp_path / "one.yaml"
+    one_file.write_text("data: {path: one.jsonl}\nmodel: {name_or_path: m}\n")
+    listed = load_config(one_file, ["data.sources=[a.jsonl, b.jsonl]"])
+    assert listed.data.path is None and [s.path for s in listed.data.sources] == ["a.jsonl", "b.jsonl"]
+    with pytest.raises(ConfigError, match="data.path and data.sources are both set"):
+        load_config(one_file, ["data.sources=[a.jsonl]", "data.path=c.jsonl"])
 
 
 # --------------------------------------------------------------------------------------------------
