@@ -72,7 +72,7 @@ def test_model_card_and_report_show_forgetting_runaway_and_failed_canaries(tmp_p
     assert "1 of 3 canaries failed: 'canary 0'" in card
 
     markdown = EvalReport.from_dict(report).markdown()  # the Prefect artifact `evaluation-report`
-    assert "**Forgetting** on `general.txt` (100 passages): mean token loss base 2.0000, adapter 2.7500, " \
-           "delta +0.7500" in markdown
+    assert "**Forgetting:** mean token loss on `general.txt` (100 passages): base 2.0000, adapter 2.7500, " \
+           "delta +0.7500 (lower is better); guard `registry.guard_metrics.forgetting`." in markdown
     assert "- canary 0: expected contains `zel`, got `red`" in markdown
     assert "| adapter |" in markdown and "| 25.0% | 2.7500 |" in markdown
