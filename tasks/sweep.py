@@ -52,6 +52,7 @@ TRIALS_DIRNAME = "trials"
 BEST_DIRNAME = "best"
 STATE_COMPLETE, STATE_PRUNED, STATE_FAILED = "complete", "pruned", "failed"
 RUN_ID_ATTR = "mlflow_run_id"
+ERROR_ATTR = "error"
 # A trial run as a flow run of `sweep.trial_deployment` (see "Trials on a work pool" below): what it did, and
 # the flow runs launched for it, as trial user attributes in the study (the storage every node shares).
 OUTCOME_ATTR = "outcome"
@@ -346,13 +347,14 @@ def run_trial(config: PipelineConfig, storage: str, number: int, parent: Pipelin
 
 
 def record_outcome(study: optuna.Study, outcome: TrialOutcome) -> None:
-    """Tell the study how the trial ended (the trial kept its spread, folds and adapter as attributes).
+    """Tell the study how the trial ended (the trial kept its spread, folds and adapter as attributes); a
+    failed trial keeps why as its `error` attribute (the trials table's `error` column).
 
     A trial the study knows as finished already is left as it is: a trial on a work pool tells the study
     itself (`run_remote_trial`), so that it counts even when the sweep that launched it is gone."""
     from optuna.trial import TrialState
 
-    frozen, _ = reopen_trial(study, outcome.number)
+    frozen, trial = reopen_trial(study, outcome.number)
     if frozen.state != TrialState.RUNNING:
         return
     if outcome.state == STATE_COMPLETE:
@@ -360,6 +362,8 @@ def record_outcome(study: optuna.Study, outcome: TrialOutcome) -> None:
     elif outcome.state == STATE_PRUNED:
         study.tell(outcome.number, state=TrialState.PRUNED)
     else:
+        if outcome.error:
+            trial.set_user_attr(ERROR_ATTR, outcome.error)
         study.tell(outcome.number, state=TrialState.FAIL)
 
 
@@ -447,7 +451,8 @@ def launch_key(study: optuna.Study, number: int) -> str:
 
 
 def study_table(study: optuna.Study) -> list[dict[str, Any]]:
-    """One row per trial: number, state, value, spread, each searched value, duration, its MLflow run."""
+    """One row per trial: number, state, value, spread, each searched value, duration, its MLflow run, and
+    for a failed one why."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower(), "value": t.value,
@@ -455,6 +460,7 @@ def study_table(study: optuna.Study) -> list[dict[str, Any]]:
         row.update({key: value for key, value in t.params.items()})
         row["wall_time_s"] = t.user_attrs.get("wall_time_s")
         row["mlflow_run_id"] = t.user_attrs.get(RUN_ID_ATTR)
+        row["error"] = t.user_attrs.get(ERROR_ATTR)
         rows.append(row)
     return rows
 
