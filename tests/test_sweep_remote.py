@@ -206,3 +206,21 @@ def test_a_node_with_other_data_than_the_sweep_refuses_the_trial(prefect_server,
     with pytest.raises(DataError, match=r"is not the sweep's .*same data\.path"):
         sweep_trial_flow(**parameters)
     assert not (tmp_path / "out").exists() and not (tmp_path / "optuna.db").exists()
+
+
+def test_the_sweep_trial_deployment_is_the_trial_flow_on_the_gpu_pool_unscheduled() -> None:
+    """prefect.yaml's `sweep-trial` passes the schema `prefect deploy` reads, loads the trial flow, has no
+    schedule (the sweep starts its runs) and is what a sweep names in sweep.trial_deployment."""
+    import yaml
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.flows import load_flow_from_entrypoint
+
+    from configs.schema import load_config
+
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    (deployment,) = [d for d in PrefectYamlModel.model_validate(spec).deployments if d.name == "sweep-trial"]
+    flow = load_flow_from_entrypoint(str(REPO_ROOT / deployment.entrypoint))
+    (raw,) = [d for d in spec["deployments"] if d["name"] == "sweep-trial"]
+    assert raw["work_pool"]["name"] == "qlora-gpu-pool" and not raw.get("schedules")
+    name = f"{flow.name}/{deployment.name}"
+    assert load_config(SWEEP_CONFIG, [f"sweep.trial_deployment={name}"]).sweep.trial_deployment == name
