@@ -507,8 +507,14 @@ class SweepConfig(_Section):
     objective: Literal["eval_loss", "bleu", "rougeL"] = "eval_loss"
     direction: Literal["auto", "minimize", "maximize"] = Field(
         "auto", description="auto: minimize eval_loss, maximize bleu/rougeL")
-    parallel: int = Field(1, ge=1, description="trials run at a time; above 1 each in a process of its own, all on "
-                                               "the sweep's machine (sharing its GPU)")
+    parallel: int = Field(1, ge=1, description="trials run at a time; above 1 each in a process of its own on the "
+                                               "sweep's machine (one GPU each when it has several), or each a "
+                                               "flow run of trial_deployment")
+    trial_deployment: str | None = Field(
+        None, description="'flow-name/deployment-name' of the trial flow (qlora-sweep-trial/sweep-trial): each trial "
+                          "runs as a flow run of it, on whichever node of its work pool picks it up (one trial per "
+                          "GPU node); storage, MLflow, data and training.output_dir must be reachable from every "
+                          "node. None: trials run on the sweep's own machine")
     cv_folds: int = Field(1, ge=1, description=">= 2: each trial trains on k hash-stable folds; objective = mean")
     study_name: str | None = Field(None, description="None: '<registry.model_name>-sweep'; same name = same study")
     storage: str | None = Field(
@@ -530,6 +536,16 @@ class SweepConfig(_Section):
                 if spec.log and spec.low <= 0:
                     raise ValueError(f"sweep.space.{key}: log scale needs low > 0, got {spec.low}")
         return space
+
+    @field_validator("trial_deployment")
+    @classmethod
+    def _flow_slash_deployment(cls, name: str | None) -> str | None:
+        """`run_deployment` looks a deployment up by 'flow/deployment' (or by id); a bare deployment name
+        would only fail at the first trial, after the data check and the GPU check."""
+        if name is not None and (name.count("/") != 1 or not all(part.strip() for part in name.split("/"))):
+            raise ValueError("not 'flow-name/deployment-name'; e.g. qlora-sweep-trial/sweep-trial "
+                             "(see `prefect deployment ls`)")
+        return name
 
     def resolved_direction(self) -> str:
         return SWEEP_OBJECTIVES[self.objective] if self.direction == "auto" else self.direction

@@ -120,11 +120,14 @@ def load_data_task(config: PipelineConfig) -> DatasetSplits:
 
 
 @task(name="check-gpu", cache_policy=NO_CACHE, retries=0)
-def check_gpu_task(config: PipelineConfig, tracker: PipelineTracker) -> TrainingPlan:
+def check_gpu_task(config: PipelineConfig, tracker: PipelineTracker | None) -> TrainingPlan:
+    """The machine's GPU check and plan, as an artifact and (with a tracker) in the MLflow run. A sweep trial on
+    a work pool node passes no tracker: its plan is the node's, not the sweep run's."""
     report, plan = check_gpu(config)
     create_markdown_artifact(markdown=f"## Hardware\n{report.markdown()}\n\n## Training plan\n{plan.markdown()}",
                              key="gpu-plan", description="GPU capability check and training plan")
-    tracker.log_plan(report, plan)
+    if tracker is not None:
+        tracker.log_plan(report, plan)
     get_run_logger().info("plan: %s", plan.summary())
     return plan
 

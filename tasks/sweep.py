@@ -19,6 +19,8 @@ the pipeline:
 - `study_table` / `log_study`: the trials table, and Optuna's optimisation-history and
   parameter-importance plots, logged to the study's run.
 - `best_adapter`: the best trial's adapter for the nightly flow's evaluation and registration.
+- `run_remote_trial` and its helpers: a trial as a flow run of `sweep.trial_deployment` on a GPU work
+  pool, talking to the sweep through the study only (see "Trials on a work pool" below).
 
 Pruning reports the eval loss when the objective is minimised and its negative when it is maximised
 (BLEU, ROUGE-L), so the pruner always compares in the study's direction.
@@ -50,6 +52,11 @@ TRIALS_DIRNAME = "trials"
 BEST_DIRNAME = "best"
 STATE_COMPLETE, STATE_PRUNED, STATE_FAILED = "complete", "pruned", "failed"
 RUN_ID_ATTR = "mlflow_run_id"
+ERROR_ATTR = "error"
+# A trial run as a flow run of `sweep.trial_deployment` (see "Trials on a work pool" below): what it did, and
+# the flow runs launched for it, as trial user attributes in the study (the storage every node shares).
+OUTCOME_ATTR = "outcome"
+FLOW_RUNS_ATTR = "prefect_flow_run_ids"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,7 +143,8 @@ def open_study(config: PipelineConfig, storage: str) -> optuna.Study:
 
 
 def interrupted_trials(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING by a sweep that died (the caller holds the output dir, so none is live)."""
+    """Trials left RUNNING by a sweep that died (the caller holds the output dir, so no local trial is live;
+    a trial on a work pool may be: the sweep checks its flow run before launching it again)."""
     from optuna.trial import TrialState
 
     return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
@@ -201,6 +209,10 @@ class TrialOutcome:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrialOutcome:
+        return cls(**values)
+
 
 def pruning_callback(trial: optuna.Trial, maximize: bool, step_offset: int = 0) -> Any:
     """A TrainerCallback that reports each eval loss to the trial and, when the pruner says so, stops
@@ -259,14 +271,28 @@ def trial_tracker(config: PipelineConfig, trial: optuna.Trial, parent: PipelineT
     return tracker
 
 
+def load_trial_study(config: PipelineConfig, storage: str) -> optuna.Study:
+    """The study as a trial process sees it: with the sweep's pruner (`trial.should_prune`) and sampler."""
+    import optuna
+
+    return optuna.load_study(study_name=study_name(config), storage=storage, pruner=make_pruner(config),
+                             sampler=make_sampler(require_sweep(config)))
+
+
+def reopen_trial(study: optuna.Study, number: int) -> tuple[optuna.trial.FrozenTrial, optuna.Trial]:
+    """Trial `number` as stored, and a handle on it to report to (Optuna has no public getter by number)."""
+    import optuna
+
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    return frozen, optuna.trial.Trial(study, frozen._trial_id)
+
+
 def run_trial(config: PipelineConfig, storage: str, number: int, parent: PipelineTracker, plan: TrainingPlan,
               splits: DatasetSplits) -> TrialOutcome:
     """Train and evaluate trial `number` (k times with cv_folds); see the module docstring.
 
     Raises on a crash, after marking the trial's run FAILED; a retry resumes from the trial's checkpoints.
     """
-    import optuna
-
     from tasks.data import cv_folds
     from tasks.evaluate import evaluate_adapter
     from tasks.train import planned_steps, train
@@ -274,10 +300,8 @@ def run_trial(config: PipelineConfig, storage: str, number: int, parent: Pipelin
 
     sweep = require_sweep(config)
     started = time.perf_counter()
-    study = optuna.load_study(study_name=study_name(config), storage=storage, pruner=make_pruner(config),
-                              sampler=make_sampler(sweep))
-    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-    trial = optuna.trial.Trial(study, frozen._trial_id)  # the running trial, reopened (Optuna has no public getter)
+    study = load_trial_study(config, storage)
+    frozen, trial = reopen_trial(study, number)
     params = dict(frozen.params)
     folder = trial_dir(config, number)
     config_of_trial = trial_config(config, params, folder)
@@ -323,14 +347,23 @@ def run_trial(config: PipelineConfig, storage: str, number: int, parent: Pipelin
 
 
 def record_outcome(study: optuna.Study, outcome: TrialOutcome) -> None:
-    """Tell the study how the trial ended (the trial kept its spread, folds and adapter as attributes)."""
+    """Tell the study how the trial ended (the trial kept its spread, folds and adapter as attributes); a
+    failed trial keeps why as its `error` attribute (the trials table's `error` column).
+
+    A trial the study knows as finished already is left as it is: a trial on a work pool tells the study
+    itself (`run_remote_trial`), so that it counts even when the sweep that launched it is gone."""
     from optuna.trial import TrialState
 
+    frozen, trial = reopen_trial(study, outcome.number)
+    if frozen.state != TrialState.RUNNING:
+        return
     if outcome.state == STATE_COMPLETE:
         study.tell(outcome.number, outcome.value)
     elif outcome.state == STATE_PRUNED:
         study.tell(outcome.number, state=TrialState.PRUNED)
     else:
+        if outcome.error:
+            trial.set_user_attr(ERROR_ATTR, outcome.error)
         study.tell(outcome.number, state=TrialState.FAIL)
 
 
@@ -339,11 +372,87 @@ def failed_outcome(number: int, error: str) -> TrialOutcome:
 
 
 # --------------------------------------------------------------------------------------------------
+# Trials on a work pool (`sweep.trial_deployment`)
+#
+# Each trial is a flow run of the trial deployment (flows/sweep.py `sweep_trial_flow`), on whichever node
+# of its work pool picks it up. Nothing passes between the sweep and the node but the flow run's JSON
+# parameters (`trial_parameters`) and the study: the node checks its own GPU, loads the data and refuses
+# other data than the sweep's (`require_same_data`), runs `run_trial`, and leaves the outcome in the study
+# (`run_remote_trial`), where the sweep reads it when the flow run is final (`remote_outcome`) and where it
+# stays when the sweep was killed meanwhile. The flow runs launched for a trial are listed on it
+# (`FLOW_RUNS_ATTR`), so a resumed sweep waits for a trial's live flow run instead of launching a second.
+
+
+def trial_parameters(config: PipelineConfig, storage: str, number: int, parent: PipelineTracker,
+                     data_fingerprint: str) -> dict[str, Any]:
+    """The trial flow's parameters: JSON only (the resolved config as a dict), since the flow run is created
+    through the Prefect API and may run on another machine. `sweep_trial_flow` takes exactly these.
+
+    The config goes as written (`exclude_unset`), as `PipelineConfig.with_overrides` reads it: dumped with
+    every default, `lora.alpha` would come back as set and no longer follow a sampled `lora.r`."""
+    return {"config": config.model_dump(mode="json", exclude_unset=True), "storage": storage, "number": number,
+            "parent_run_id": parent.run_id, "tracking_uri": parent.uri, "data_fingerprint": data_fingerprint}
+
+
+def require_same_data(splits: DatasetSplits, data_fingerprint: str) -> None:
+    """A node must train on the very rows the sweep validated: another copy of the data (a stale mount, a
+    file changed since) would make its trial incomparable with the others."""
+    from tasks.data import DataError
+
+    if splits.fingerprint != data_fingerprint:
+        raise DataError(f"this node's data (fingerprint {splits.fingerprint[:12]}, from {', '.join(splits.sources)}) "
+                        f"is not the sweep's ({data_fingerprint[:12]}): every node of the trial deployment's "
+                        "work pool must see the same data.path at the same path (a shared volume)")
+
+
+def run_remote_trial(config: PipelineConfig, storage: str, number: int, parent: PipelineTracker,
+                     plan: TrainingPlan, splits: DatasetSplits) -> TrialOutcome:
+    """`run_trial` on a node, then its outcome stored on the trial and told to the study: the sweep reads it
+    from there (no Prefect result storage shared between machines needed), and a trial that ends after its
+    sweep was killed still counts."""
+    outcome = run_trial(config, storage, number, parent, plan, splits)
+    study = load_trial_study(config, storage)
+    _, trial = reopen_trial(study, number)
+    trial.set_user_attr(OUTCOME_ATTR, outcome.to_dict())
+    record_outcome(study, outcome)
+    return outcome
+
+
+def remote_outcome(study: optuna.Study, number: int) -> TrialOutcome | None:
+    """The outcome a trial's flow run stored, or None (it has not finished, or it failed before storing it)."""
+    frozen, _ = reopen_trial(study, number)
+    stored = frozen.user_attrs.get(OUTCOME_ATTR)
+    return TrialOutcome.from_dict(stored) if stored else None
+
+
+def trial_flow_runs(study: optuna.Study, number: int) -> list[str]:
+    """Ids of the flow runs launched for the trial, oldest first."""
+    frozen, _ = reopen_trial(study, number)
+    return list(frozen.user_attrs.get(FLOW_RUNS_ATTR, []))
+
+
+def add_trial_flow_run(study: optuna.Study, number: int, flow_run_id: str) -> None:
+    _, trial = reopen_trial(study, number)
+    trial.set_user_attr(FLOW_RUNS_ATTR, [*trial_flow_runs(study, number), flow_run_id])
+
+
+def launch_key(study: optuna.Study, number: int) -> str:
+    """The idempotency key of the trial's next flow run: the same until a launch is recorded on the trial, so
+    a sweep killed between creating a flow run and recording it gets that same flow run back on resume
+    instead of a second copy; the trial's start time tells apart two studies of the same name."""
+    frozen, _ = reopen_trial(study, number)
+    launches = len(frozen.user_attrs.get(FLOW_RUNS_ATTR, []))
+    started = frozen.datetime_start.isoformat() if frozen.datetime_start else ""
+    return f"{study.study_name}/{started}/trial-{number}/launch-{launches}"
+
+
+# --------------------------------------------------------------------------------------------------
 # The study's summary and its best trial
 
 
 def study_table(study: optuna.Study) -> list[dict[str, Any]]:
-    """One row per trial: number, state, value, spread, each searched value, duration, its MLflow run."""
+    """One row per trial: number, state, value, spread, each searched value, duration, its MLflow run, and
+    for a failed one why."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name.lower(), "value": t.value,
@@ -351,6 +460,7 @@ def study_table(study: optuna.Study) -> list[dict[str, Any]]:
         row.update({key: value for key, value in t.params.items()})
         row["wall_time_s"] = t.user_attrs.get("wall_time_s")
         row["mlflow_run_id"] = t.user_attrs.get(RUN_ID_ATTR)
+        row["error"] = t.user_attrs.get(ERROR_ATTR)
         rows.append(row)
     return rows
 

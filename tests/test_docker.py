@@ -562,8 +562,8 @@ def _breakages():
             )
         ),
     )
-    prefect_yaml = {
-        "deployments": [{"name": "d", "work_pool": {"name": "qlora-pool"}}],
+    prefect_yaml = {  # the pools the worker serves, so that only the missing variable is wrong
+        "deployments": [{"name": "d", "work_pool": {"name": pool}} for pool in ("qlora-pool", "qlora-gpu-pool")],
         "pull": [{"step": {"directory": "{{ $SOME_UNSET_DIR }}"}}],
     }
     yield (
