@@ -243,16 +243,33 @@ def test_compile_reaches_the_trainer_and_a_compiled_run_resumes_an_eager_one(mak
 def test_a_compiled_run_trains_like_an_eager_one(make_config, demo_data_slice, tmp_path) -> None:
     """training.compile=true for real: the Trainer compiles the 4-bit peft model (torch.compile) and trains;
     same data and seed as an eager run, so the same losses up to kernel rounding."""
+    from collections import Counter
     from dataclasses import replace
+
+    from tasks.data import tokenize_example
+    from tasks.modeling import load_tokenizer
+
+    # Rows of one token length only: every batch then has one shape, so inductor compiles the training step
+    # once instead of again for the first batch of another length (each compile takes ~45 s on 2 CPU cores).
+    config = make_config(f"data.path={demo_data_slice}")
+    tokenizer = load_tokenizer(config)
+    splits = load_splits(config.data)
+    lengths = {e.row: len(tokenize_example(tokenizer, e, config.data.max_seq_length)["input_ids"])
+               for e in splits.train + splits.eval}
+    common = Counter(lengths.values()).most_common(1)[0][0]
+    rows = demo_data_slice.read_text().splitlines()
+    same_length = tmp_path / "same-length.jsonl"
+    same_length.write_text("".join(rows[row] + "\n" for row, length in sorted(lengths.items()) if length == common))
 
     runs = {}
     for compiled in (False, True):
-        config = make_config(f"data.path={demo_data_slice}", "training.max_steps=3", "training.save_steps=3",
-                             "training.logging_steps=1", "training.packing=false", "evaluation.max_rows=8",
-                             f"training.compile={str(compiled).lower()}", "training.resume=false",
-                             output_dir=tmp_path / f"compiled-{compiled}")
+        config = make_config(f"data.path={same_length}", "training.max_steps=3", "training.save_steps=3",
+                             "training.logging_steps=1", "training.packing=false", "evaluation.max_rows=4",
+                             "training.per_device_batch_size=8", f"training.compile={str(compiled).lower()}",
+                             "training.resume=false", output_dir=tmp_path / f"compiled-{compiled}")
         _, plan = check_gpu(config)
         splits = load_splits(config.data)
-        runs[compiled] = train(config, plan, replace(splits, eval=splits.eval[:8])).summary
+        assert len(splits.train) >= 24 and len(splits.eval) >= 4, (len(splits.train), len(splits.eval))
+        runs[compiled] = train(config, plan, replace(splits, eval=splits.eval[:4])).summary
     assert runs[True].global_step == runs[False].global_step == 3
     assert runs[True].train_loss == pytest.approx(runs[False].train_loss, rel=1e-3)
