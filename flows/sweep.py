@@ -41,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from configs.schema import PipelineConfig, load_config
+from configs.schema import ConfigError, PipelineConfig, load_config
 from flows.finetune import (
     _not_a_config_problem,
     _tracking_unreachable,
@@ -132,6 +132,32 @@ def trial_runner(parallel: int) -> TaskRunner:
     return ProcessPoolTaskRunner(max_workers=parallel, initializer=die_with_parent)
 
 
+def live_trial_flow_run(study: Any, number: int) -> Any:
+    """The flow run a trial was last launched as on a work pool (`sweep.trial_deployment`) when it has not
+    ended yet (a killed sweep's trial, still training on its node), else None."""
+    from prefect.client.orchestration import get_client
+
+    launched = trial_flow_runs(study, number)
+    if not launched:
+        return None
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(launched[-1]))
+    return run if run.state is not None and not run.state.is_final() else None
+
+
+def refuse_trials_live_elsewhere(study: Any, resumed: list[int]) -> None:
+    """Before a sweep without `sweep.trial_deployment` resumes trials locally: a trial still running as a flow
+    run on a work pool would be trained twice, by both, into the same folder and MLflow run."""
+    for number in resumed:
+        run = live_trial_flow_run(study, number)
+        if run is not None:
+            raise ConfigError(
+                f"trial {number} of study {study.study_name} still runs as flow run {run.name} ({run.id}, "
+                f"{run.state.name}) of a trial deployment, and sweep.trial_deployment is not set: resuming it "
+                "here would train it twice. Run the sweep with sweep.trial_deployment as before (it waits for "
+                "that flow run), or let the flow run end (or cancel it) first")
+
+
 class LocalTrials:
     """Trials as Prefect tasks on the sweep's own machine (`trial_runner`): `start` submits one, `next_done`
     waits for the first to end; a trial that failed after its retry becomes a FAIL outcome."""
@@ -186,7 +212,6 @@ class RemoteTrials:
         return len(self.running) + len(self.ended)
 
     def start(self, number: int) -> None:
-        from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
 
         logger = get_run_logger()
@@ -194,15 +219,12 @@ class RemoteTrials:
         if stored is not None:
             self.ended.append(stored)
             return
-        launched = trial_flow_runs(self.study, number)
-        if launched:
-            with get_client(sync_client=True) as client:
-                previous = client.read_flow_run(UUID(launched[-1]))
-            if previous.state is not None and not previous.state.is_final():
-                logger.info("trial %d: its flow run %s is still %s; waiting for it", number, previous.name,
-                            previous.state.name)
-                self.running[previous.id] = number
-                return
+        previous = live_trial_flow_run(self.study, number)
+        if previous is not None:
+            logger.info("trial %d: its flow run %s is still %s; waiting for it", number, previous.name,
+                        previous.state.name)
+            self.running[previous.id] = number
+            return
         flow_run = run_deployment(self.deployment, parameters=self.parameters(number), timeout=0,
                                   flow_run_name=f"trial-{number}", tags=[TRIAL_TAG],
                                   idempotency_key=launch_key(self.study, number))
@@ -286,6 +308,7 @@ def sweep_flow(config_path: str = "configs/demo-sweep.yaml", overrides: list[str
             trials = RemoteTrials(sweep.trial_deployment, study, lambda number: trial_parameters(
                 config, storage, number, tracker, splits.fingerprint))
         else:
+            refuse_trials_live_elsewhere(study, resumed)
             trials = LocalTrials(sweep.parallel, lambda number: {
                 "config": config, "storage": storage, "number": number, "parent": tracker, "plan": plan,
                 "splits": splits})

@@ -208,6 +208,37 @@ def test_a_node_with_other_data_than_the_sweep_refuses_the_trial(prefect_server,
     assert not (tmp_path / "out").exists() and not (tmp_path / "optuna.db").exists()
 
 
+def test_a_sweep_without_the_trial_deployment_refuses_to_resume_a_trial_still_running_on_a_node(
+        prefect_server, demo_assets, demo_data_slice, tmp_path, mlflow_uri) -> None:
+    """A killed sweep's trial still runs as a flow run on the work pool; the sweep is run again without
+    `sweep.trial_deployment`: it must not train that trial a second time on its own machine, and says what to do."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from configs.schema import ConfigError, load_config
+    from flows.sweep import sweep_flow
+    from tasks.sweep import add_trial_flow_run, ask_trial, open_study, require_sweep, trial_dir
+
+    @flow(name="stand-in-for-a-trial-on-a-node")
+    def on_a_node() -> None:
+        """Never run: its flow run is only put in state Running, as a trial training on a node is."""
+
+    overrides = sweep_overrides(demo_assets, tmp_path, "sweep.space={training.learning_rate: [1.0e-3, 3.0e-3]}",
+                                "sweep.sampler=grid", "sweep.n_trials=2", "sweep.pruner=none", data=demo_data_slice)
+    config = load_config(SWEEP_CONFIG, overrides)
+    study = open_study(config, f"sqlite:///{tmp_path / 'optuna.db'}")
+    number = ask_trial(study, require_sweep(config))  # RUNNING, as a killed sweep leaves it
+    with get_client(sync_client=True) as client:
+        live = client.create_flow_run(on_a_node, name=f"trial-{number}", state=Running())
+    add_trial_flow_run(study, number, str(live.id))
+
+    with pytest.raises(ConfigError, match=rf"trial {number} of study .* still runs as flow run trial-{number} "
+                                          rf"\({live.id}, Running\).*sweep.trial_deployment"):
+        sweep_flow(config_path=str(SWEEP_CONFIG), overrides=overrides)
+    assert not trial_dir(config, number).exists(), "the trial was trained here as well"
+
+
 def test_the_sweep_trial_deployment_is_the_trial_flow_on_the_gpu_pool_unscheduled() -> None:
     """prefect.yaml's `sweep-trial` passes the schema `prefect deploy` reads, loads the trial flow, has no
     schedule (the sweep starts its runs) and is what a sweep names in sweep.trial_deployment."""
