@@ -666,8 +666,8 @@ def _command_line_data_wins(raw: dict[str, Any], overridden: set[str]) -> dict[s
     data = raw.get("data")
     if not isinstance(data, dict):
         return raw
-    for given, dropped in (("data.path", "sources"), ("data.sources", "path")):
-        if given in overridden and f"data.{dropped}" not in overridden and data.get(given[5:]) is not None:
+    for given, dropped in (("path", "sources"), ("sources", "path")):
+        if f"data.{given}" in overridden and f"data.{dropped}" not in overridden and data.get(given) is not None:
             raw = with_override(raw, f"data.{dropped}", None)
     return raw
 

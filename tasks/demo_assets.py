@@ -114,12 +114,12 @@ def copy_rows(sentences: list[str]) -> list[dict[str, str]]:
 def copy_sentences(seed: int, count: int, exclude: frozenset[str] = frozenset()) -> list[str]:
     """`count` distinct sentences drawn as the base's pretraining sentences are, none of `exclude`."""
     rng = random.Random(seed)
-    sentences: list[str] = []
+    sentences: dict[str, None] = {}  # insertion-ordered set: the draw order is the file order
     while len(sentences) < count:
         sentence = " ".join(rng.choice(SOURCE_WORDS) for _ in range(rng.randint(3, 8)))
-        if sentence not in exclude and sentence not in sentences:
-            sentences.append(sentence)
-    return sentences
+        if sentence not in exclude:
+            sentences.setdefault(sentence)
+    return list(sentences)
 
 
 def general_text(seed: int, count: int = GENERAL_TEXT_ROWS) -> list[dict[str, str]]:
