@@ -508,8 +508,8 @@ class SweepConfig(_Section):
     direction: Literal["auto", "minimize", "maximize"] = Field(
         "auto", description="auto: minimize eval_loss, maximize bleu/rougeL")
     parallel: int = Field(1, ge=1, description="trials run at a time; above 1 each in a process of its own on the "
-                                               "sweep's machine (one GPU each when it has several), or each a "
-                                               "flow run of trial_deployment")
+                                               "sweep's machine (all sharing its first GPU), or each a flow run of "
+                                               "trial_deployment")
     trial_deployment: str | None = Field(
         None, description="'flow-name/deployment-name' of the trial flow (qlora-sweep-trial/sweep-trial): each trial "
                           "runs as a flow run of it, on whichever node of its work pool picks it up (one trial per "
